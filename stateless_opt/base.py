@@ -1,0 +1,320 @@
+"""The ``torch.optim.Optimizer`` base shared by SWAN, SinkGD and SGD-SaI.
+
+``step()`` is the same for every backend:
+  1. *gather work*: each tensor of each param group is turned into weight shards by a layout resolved
+     now (DTensor -> FSDP2 rows; DeepSpeed flat partition -> the integration's layout; DDP -> replicated;
+     else the whole tensor);
+  2. *screen*: one batched reduction of per-weight sums of squares, one host sync. A NaN/Inf anywhere
+     skips the step on every rank (counted in ``skipped_steps``); a weight whose gradient is zero
+     everywhere is left alone (no update, no weight decay, no state, no counter: the zero-gradient
+     ``step()`` that ``torch.distributed.checkpoint`` runs on save/load is a no-op);
+  3. *update*: the subclass's rule on the live weights of each group, applied to the local fragments.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from .collectives import Collectives
+from .config import validate, validate_group
+from .fragments import DTensorLayout, LocalLayout, ReplicatedLayout, WeightShard
+from .ops import stochastic_round_
+
+log = logging.getLogger("stateless_opt")
+
+# Params known to live in a DDP-wrapped model (filled by ``param_groups(ddp_model)``): their
+# gradients are identical on every rank of the group, so whole-matrix work can be split.
+REPLICATED_PARAMS: "weakref.WeakKeyDictionary[torch.Tensor, Any]" = weakref.WeakKeyDictionary()
+
+# Small per-weight state read on the host every step (SGD-SaI's scales): kept on the CPU, in fp32.
+HOST_STATE = {"gsnr"}
+
+FLAT_PARTITION_HINT = (
+    "this optimizer is being stepped on a flattened tensor (a DeepSpeed ZeRO partition?) with no layout "
+    "attached; `import stateless_opt.integrations.deepspeed` before `deepspeed.initialize(...)` so the "
+    "optimizer knows which weights the partition holds"
+)
+
+
+def true_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The weight's real shape, also under ZeRO-3 ``zero.Init`` (where ``p.shape`` is (0,))."""
+    ds_shape = getattr(p, "ds_shape", None)
+    return tuple(ds_shape) if ds_shape is not None else tuple(p.shape)
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, grad) as plain local tensors: the DTensor's local shard, else the tensor itself."""
+    if is_dtensor(t):
+        g = t.grad
+        return t.to_local(), (g.to_local() if is_dtensor(g) else g)
+    return t.data, t.grad
+
+
+@dataclass
+class GroupWork:
+    """What one param group contributes to this step."""
+
+    index: int
+    group: dict
+    units: list[torch.Tensor]  # tensors of group["params"] that have a gradient
+    shards: list[list[WeightShard]]  # per unit: the weights it holds
+
+
+class StatelessOptimizer(torch.optim.Optimizer):
+    """Common machinery; subclasses set ``config_cls`` and implement ``_step_group``."""
+
+    config_cls: type
+    uses_rules = True  # SWAN/SinkGD split matrix vs fallback; SGD-SaI is elementwise on everything
+
+    def __init__(self, params: Iterable, lr: float, *, replicate_group=None, **hyperparameters):
+        name = type(self).__name__
+        config = validate(self.config_cls, {"lr": lr, **hyperparameters}, f"{name} arguments")
+        defaults = config.model_dump()
+        groups = list(params) if not isinstance(params, torch.Tensor) else [params]
+        if not groups:
+            raise ValueError(f"{name} got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        prepared = []
+        for i, g in enumerate(groups):
+            g = dict(g)
+            g["params"] = list(g["params"]) if not isinstance(g["params"], torch.Tensor) else [g["params"]]
+            validate_group(self.config_cls, {**defaults, **g}, f"{name} param group {i}")
+            prepared.extend(self._split_by_rule(g, i) if self.uses_rules else [g])
+        super().__init__(prepared, defaults)
+        for g in self.param_groups:
+            g.setdefault("step", 0)
+            g.setdefault("skipped_steps", 0)
+        self.replicate_group = replicate_group
+        self.layout_provider = None  # set by integrations whose param_groups hold flat partitions
+        self._comms: dict[Any, Collectives] = {}
+        self._logged_rules = False
+
+    # ------------------------------------------------------------------ groups and rules
+    @staticmethod
+    def _split_by_rule(group: dict, index: int) -> list[dict]:
+        """A group without a ``rule`` is split by true shape: ndim >= 2 (+ batch_dims) -> matrix rule,
+        0-/1-D -> fallback. Decided once here and kept as a group key, because tags on Parameter
+        objects do not survive FSDP2's DTensor swap or ZeRO's flattening."""
+        batch_dims = group.get("batch_dims", 0)
+        if not isinstance(batch_dims, int) or batch_dims < 0:
+            raise ValueError(f"param group {index}: batch_dims must be a non-negative int, got {batch_dims!r}")
+        rule = group.get("rule")
+        if rule is not None:
+            if rule not in ("matrix", "fallback"):
+                raise ValueError(f"param group {index}: rule must be 'matrix' or 'fallback', got {rule!r}")
+            if rule == "matrix":
+                for p in group["params"]:
+                    if len(true_shape(p)) < 2 + batch_dims:
+                        raise ValueError(
+                            f"param group {index}: rule='matrix' needs tensors with >= {2 + batch_dims} dims, "
+                            f"got shape {true_shape(p)}; use rule='fallback' for it"
+                        )
+            return [group]
+        names = group.get("names")
+        parts: dict[str, dict] = {}
+        for j, p in enumerate(group["params"]):
+            r = "matrix" if len(true_shape(p)) >= 2 + batch_dims else "fallback"
+            part = parts.setdefault(r, {**group, "params": [], "rule": r, **({"names": []} if names else {})})
+            part["params"].append(p)
+            if names:
+                part["names"].append(names[j])
+        return list(parts.values()) or [{**group, "rule": "fallback"}]
+
+    def rule_counts(self) -> dict[str, dict[str, int]]:
+        """How many tensors and elements each rule got, e.g. ``{"matrix": {"tensors": 12, "params": ...}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for g in self.param_groups:
+            rule = g.get("rule", "elementwise") if self.uses_rules else "elementwise"
+            shapes = g.get("_shapes") or [true_shape(p) for p in g["params"]]
+            c = out.setdefault(rule, {"tensors": 0, "params": 0})
+            c["tensors"] += len(shapes)
+            c["params"] += sum(math.prod(s) for s in shapes)
+        return out
+
+    def _log_rules_once(self) -> None:
+        if not self._logged_rules:
+            self._logged_rules = True
+            log.info("%s rule counts: %s", type(self).__name__, self.rule_counts())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient was NaN/Inf."""
+        return max((g.get("skipped_steps", 0) for g in self.param_groups), default=0)
+
+    # ------------------------------------------------------------------ layouts
+    def _layout(self, tensor: torch.Tensor, group: dict):
+        if self.layout_provider is not None:
+            return self.layout_provider
+        if is_dtensor(tensor):
+            return DTensorLayout()
+        if self.uses_rules and group.get("rule") == "matrix" and tensor.dim() < 2:
+            raise RuntimeError(FLAT_PARTITION_HINT)
+        rg = self.replicate_group
+        if rg is None:
+            rg = REPLICATED_PARAMS.get(tensor)
+        if rg is not None and rg is not False and dist.is_initialized():
+            pg = None if rg is True else rg
+            if dist.get_world_size(pg) > 1:
+                return ReplicatedLayout(pg)
+        return LocalLayout()
+
+    def _comm(self, shard: WeightShard) -> Collectives:
+        world = shard.world
+        key = "single" if world == 1 else (shard.group if shard.group is not None else "default")
+        comm = self._comms.get(key)
+        if comm is None:
+            comm = self._comms[key] = Collectives(shard.group, single=(world == 1))
+        return comm
+
+    def bytes_sent(self) -> int:
+        """Payload bytes this rank handed to collectives since the last ``reset_comm_counters()``."""
+        return sum(c.bytes_sent for c in self._comms.values())
+
+    def reset_comm_counters(self) -> None:
+        for c in self._comms.values():
+            c.reset_counters()
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._log_rules_once()
+        work = self._gather_work()
+        if not work:
+            return loss
+        live = self._screen(work)
+        if live is None:
+            for w in work:
+                w.group["skipped_steps"] += 1
+            return loss
+        for w in work:
+            units = [(u, [s for s in shards if s.key in live]) for u, shards in zip(w.units, w.shards)]
+            units = [(u, ss) for u, ss in units if ss]
+            if not units:
+                continue
+            w.group["step"] += 1
+            self._step_group(w.group, units, live)
+        return loss
+
+    def _gather_work(self) -> list[GroupWork]:
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            units, shards = [], []
+            for pos, t in enumerate(group["params"]):
+                if t.grad is None:
+                    continue
+                if t.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                units.append(t)
+                shards.append(self._layout(t, group).shards(t, gi, pos))
+            if units:
+                work.append(GroupWork(gi, group, units, shards))
+        return work
+
+    def _screen(self, work: list[GroupWork]) -> dict[tuple, float] | None:
+        """Global sum of squares of every weight's gradient (one reduction per process group, one host
+        sync); ``None`` if any is NaN/Inf. Returns {weight key: sum of squares} for non-zero weights."""
+        all_shards = [s for w in work for shards in w.shards for s in shards]
+        norms = torch._foreach_norm([s.grad for s in all_shards], 2, dtype=torch.float32)
+        sumsq = torch.stack(norms).square_()
+        by_comm: dict[int, list[int]] = {}
+        comms: dict[int, Collectives] = {}
+        for i, s in enumerate(all_shards):
+            if s.world > 1 and not s.replicated:
+                c = self._comm(s)
+                by_comm.setdefault(id(c), []).append(i)
+                comms[id(c)] = c
+        for cid, idx in by_comm.items():
+            index = torch.tensor(idx, device=sumsq.device)
+            part = sumsq[index].contiguous()
+            comms[cid].all_reduce_sum_(part)
+            sumsq[index] = part
+        values = sumsq.tolist()
+        if not all(math.isfinite(v) for v in values):
+            return None
+        return {s.key: v for s, v in zip(all_shards, values) if v > 0.0}
+
+    def _step_group(self, group: dict, units: list[tuple[torch.Tensor, list[WeightShard]]], live) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ applying updates
+    def _apply(self, params: list[torch.Tensor], updates: list[torch.Tensor], lr: float, weight_decay: float,
+               group: dict, scales: list[float] | None = None) -> None:
+        """W <- (1 - lr*wd) W - lr * scale * U on local fragments (``scales`` default to 1). fp32 weights
+        in place; low-precision weights through fp32 and, by default, stochastic rounding (seeded by the
+        step, so a resumed run replays the same rounding)."""
+        decay = 1.0 - lr * weight_decay
+        scales = scales or [1.0] * len(params)
+        full = [i for i, p in enumerate(params) if p.dtype == torch.float32]
+        if full:
+            ps = [params[i] for i in full]
+            if decay != 1.0:
+                torch._foreach_mul_(ps, decay)
+            if all(scales[i] == 1.0 for i in full):
+                torch._foreach_add_(ps, [updates[i] for i in full], alpha=-lr)
+            else:
+                for i in full:
+                    params[i].add_(updates[i], alpha=-lr * scales[i])
+        low = [i for i, p in enumerate(params) if p.dtype != torch.float32]
+        if low:
+            gen = self._rounding_generator(group, params[low[0]].device)
+            for i in low:
+                value = params[i].float().mul_(decay).add_(updates[i], alpha=-lr * scales[i])
+                self._write(params[i], value, group, gen)
+
+    def _write(self, dst: torch.Tensor, value: torch.Tensor, group: dict, gen) -> None:
+        if dst.dtype == torch.bfloat16 and group.get("stochastic_rounding", True):
+            stochastic_round_(dst, value, gen)
+        else:
+            dst.copy_(value)
+
+    def _rounding_generator(self, group: dict, device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed((group["step"] * 1_000_003 + self.param_groups.index(group) * 7919) % (2**63))
+        return gen
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts every floating state tensor to its parameter's dtype on load; ours are fp32 by
+        design (fallback moments of bf16 weights, SGD-SaI scales), so restore their saved dtype."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not saved or p not in self.state:
+                continue
+            for k, v in saved.items():
+                if k in HOST_STATE:
+                    self.state[p][k] = v.detach().to("cpu", torch.float32).clone()
+                elif torch.is_tensor(v) and v.dtype == torch.float32 and self.state[p][k].dtype != torch.float32:
+                    self.state[p][k] = v.to(device=self.state[p][k].device)
+        for g in self.param_groups:
+            g.setdefault("step", 0)
+            g.setdefault("skipped_steps", 0)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("layout_provider", None)
+        self.__dict__.setdefault("replicate_group", None)
+        self.__dict__.setdefault("_comms", {})
+        self.__dict__.setdefault("_logged_rules", False)

@@ -1,0 +1,129 @@
+"""Validated hyper-parameters of the three optimizers.
+
+One pydantic model per optimizer is the single source of truth for names, defaults and bounds: the
+constructors, the DeepSpeed JSON ``"params"`` block and the training configs all validate through
+these models, so a bad value fails early and names the field the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors; ints are accepted where floats are expected, strings are not."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _int_to_float(cls, value: Any, info) -> Any:
+        # JSON users write `"weight_decay": 0`; strict mode would reject an int for a float field.
+        field = cls.model_fields[info.field_name]
+        if field.annotation is float and type(value) is int:
+            return float(value)
+        return value
+
+
+class _MatrixRuleConfig(_Strict):
+    """Shared by SWAN and SinkGD: the matrix rule plus the fallback for embeddings, head, 1-D."""
+
+    lr: float = Field(1e-3, ge=0.0, description="learning rate of the matrix rule")
+    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (W <- (1 - lr*wd) W)")
+    eps: float = Field(1e-8, gt=0.0, description="guards divisions by row/column norms or std")
+    fallback: Literal["adamw", "stateless"] = Field(
+        "adamw",
+        description="rule for embeddings, LM head and 0-/1-D tensors: AdamW (the papers' setup) or a "
+        "stateless row-wise RMS-normalised SGD (zero optimizer state end to end)",
+    )
+    fallback_lr_ratio: float = Field(
+        20.0,
+        gt=0.0,
+        description="fallback LR = lr * ratio; the papers use a matrix LR of about 0.05 x the Adam LR",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW fallback betas")
+    adam_eps: float = Field(1e-8, gt=0.0, description="AdamW fallback epsilon")
+    chunk_mb: float = Field(
+        256.0, gt=0.0, description="upper bound on the fp32 temporaries of one batched chunk (MiB)"
+    )
+    stochastic_rounding: bool = Field(
+        True, description="round low-precision (bf16/fp16) weights stochastically so small updates survive"
+    )
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, value: Any) -> Any:
+        return tuple(float(v) if type(v) is int else v for v in value) if isinstance(value, list) else value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        for i, beta in enumerate(value):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
+        return value
+
+
+class SWANConfig(_MatrixRuleConfig):
+    """SWAN (arXiv 2412.13148): GradNorm then GradWhitening, no state."""
+
+    ns_steps: int = Field(
+        12, ge=1, le=100, description="coupled Newton-Schulz iterations for (G G^T)^-1/2 (spectral initial scale)"
+    )
+    whitening: Literal["newton_schulz", "eigh"] = Field(
+        "newton_schulz", description="how (G G^T)^-1/2 is computed: Newton-Schulz or an exact fp64 eigh"
+    )
+    gradnorm_axis: Literal["oriented", "stored_rows"] = Field(
+        "oriented",
+        description="GradNorm standardises the rows of the oriented matrix (m <= n, the paper's setting) "
+        "or the rows as stored",
+    )
+    chunk_mb: float = Field(512.0, gt=0.0, description="per-rank bound on gathered matrices of one chunk (MiB)")
+
+
+class SinkGDConfig(_MatrixRuleConfig):
+    """SinkGD (arXiv 2502.06742): alternating row/column l2 normalisation, no state."""
+
+    iterations: int = Field(5, ge=1, le=100, description="row/column normalisation rounds (L)")
+
+
+class SGDSaIConfig(_Strict):
+    """SGD-SaI (arXiv 2412.11768): momentum SGD with each tensor's LR scaled once by its g-SNR."""
+
+    lr: float = Field(1e-2, ge=0.0, description="learning rate (the official default is a ViT setting)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="EMA coefficient of the momentum buffer")
+    eps: float = Field(1e-8, gt=0.0, description="added to std(g) in g-SNR = ||g|| / (std(g) + eps)")
+    weight_decay: float = Field(1e-2, ge=0.0, description="decoupled weight decay, not scaled by g-SNR")
+    max_normalized_gsnr: bool = Field(
+        False, description="the paper's Alg. 1 variant: divide every g-SNR by the max over all tensors"
+    )
+    stochastic_rounding: bool = Field(
+        True, description="round low-precision (bf16/fp16) weights stochastically so small updates survive"
+    )
+
+
+CONFIGS: dict[str, type[_Strict]] = {"swan": SWANConfig, "sinkgd": SinkGDConfig, "sgdsai": SGDSaIConfig}
+
+# Keys a param group may carry besides hyper-parameters.
+GROUP_KEYS = {"params", "rule", "batch_dims", "names", "step", "skipped_steps"}
+
+
+def validate(config_cls: type[_Strict], values: dict[str, Any], where: str) -> _Strict:
+    """Validate ``values`` and re-raise with a message that names each offending field and ``where``."""
+    try:
+        return config_cls(**values)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        raise ValueError(f"invalid {where}: {problems}") from None
+
+
+def validate_group(config_cls: type[_Strict], group: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate a param group's hyper-parameters (keys of ``config_cls``); other keys must be known."""
+    hyper = {k: v for k, v in group.items() if k not in GROUP_KEYS and not k.startswith("_")}
+    validate(config_cls, hyper, where)
+    return group

@@ -1,0 +1,62 @@
+"""Fallback rules for the tensors SWAN and SinkGD do not touch (embeddings, LM head, norms, biases).
+
+* ``adamw``: the papers' setup, computed by ``torch.optim.adamw.adamw`` (torch's own math) with the
+  moments in ``optimizer.state`` like ``torch.optim.AdamW``. Elementwise, so it runs on whatever
+  local tensor sits in the group (plain, DTensor shard, ZeRO flat partition).
+* ``stateless``: RMS-normalised SGD, zero state: each row of a 2-D+ weight (a token's embedding, a
+  vocabulary row of the head) scaled to RMS 1, a 0-/1-D tensor scaled to RMS 1 as a whole. It is the
+  row half of SinkGD, so it reuses the same fragment machinery and works on any layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adamw import adamw
+
+from .batching import chunks, matrix_bytes, normalize_rows_cols
+from .fragments import split_matrices
+from .base import local_views
+
+
+def adamw_fallback(opt, group: dict, units: list[torch.Tensor], lr: float) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, steps, low = [], [], [], [], [], []
+    for t in units:
+        data, grad = local_views(t)
+        state = opt.state[t]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
+        if data.dtype != torch.float32:  # low-precision weights: torch's math on fp32 copies
+            low.append((data, len(params)))
+            data, grad = data.float(), grad.float()
+        params.append(data)
+        grads.append(grad)
+        exp_avgs.append(local_views(state["exp_avg"])[0])
+        exp_avg_sqs.append(local_views(state["exp_avg_sq"])[0])
+        steps.append(state["step"])
+    beta1, beta2 = group["betas"]
+    adamw(
+        params, grads, exp_avgs, exp_avg_sqs, [], steps,
+        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["weight_decay"],
+        eps=group["adam_eps"], maximize=False,
+    )
+    if low:
+        gen = opt._rounding_generator(group, low[0][0].device)
+        for dst, i in low:
+            opt._write(dst, params[i], group, gen)
+
+
+def stateless_fallback(opt, group: dict, shards, comm, lr: float) -> None:
+    frags = []
+    for s in shards:
+        shape2d = None if len(s.shape) >= 2 else (1, max(s.numel, 1))
+        frags.extend(split_matrices(s, 0, shape2d=shape2d))
+    frags.sort(key=lambda f: (f.m, f.n, f.key))
+    budget = int(group["chunk_mb"] * 2**20) * comm.world
+    for idx in chunks(frags, matrix_bytes, budget):
+        normalize_rows_cols(
+            [frags[i] for i in idx], comm, iterations=1, eps=group["eps"], columns=False,
+            apply=lambda fs, x: opt._apply([f.param for f in fs], list(x), lr, group["weight_decay"], group),
+            device=frags[0].grad.device,
+        )

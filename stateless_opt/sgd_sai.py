@@ -1,0 +1,91 @@
+"""SGD-SaI (arXiv 2412.11768): SGD with momentum, each tensor's LR scaled once by its gradient
+signal-to-noise ratio. One momentum buffer, no second moment.
+
+Per weight p, at the first step where its gradient g is non-zero: gSNR_p = ||g||_2 / (std(g) + eps)
+(std unbiased, as the official code), frozen for the rest of training. Then
+m_1 = g_1, m_t = mu m_{t-1} + (1 - mu) g_t;  p <- (1 - lr*wd) p - lr * gSNR_p * m_t.
+
+Deliberate fixes over the official ``sgd_sai.SGD_sai`` (each tested): a weight whose first gradient
+is all zeros (LoRA A with B = 0, zero-init layers) takes its scale at its first non-zero gradient
+instead of being frozen forever; a one-element tensor gets scale 1 (no spread to measure; the
+official code gives |g| / eps); scales are fp32 state that ``state_dict()`` carries, so a resume
+does not recompute them from a fresh gradient.
+
+Sharded: the g-SNR needs each weight's (sum, sum of squares) over all ranks: one all-reduce of
+scalars, once per weight; momentum lives on the local fragment only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import StatelessOptimizer, local_views
+from .config import SGDSaIConfig
+from .ops import gsnr
+
+
+class SGDSaI(StatelessOptimizer):
+    """SGD-SaI: ``SGDSaI(params, lr=1e-2, momentum=0.9, eps=1e-8, weight_decay=1e-2, ...)``.
+
+    Elementwise, so it applies to every tensor (no matrix/fallback split), like the official package.
+    The official default lr=1e-2 is a ViT setting: each tensor's effective LR is about lr * sqrt(numel)
+    (gSNR >= sqrt(N - 1) for zero-mean gradients), so LLMs need a much smaller lr.
+    """
+
+    config_cls = SGDSaIConfig
+    uses_rules = False
+
+    def __init__(self, params, lr: float = 1e-2, **hyperparameters):
+        super().__init__(params, lr, **hyperparameters)
+
+    def _step_group(self, group, units, live) -> None:
+        fresh = self._init_scales(group, units)
+        max_scale = self._max_gsnr() if group["max_normalized_gsnr"] else 1.0
+        mu = group["momentum"]
+        params, updates, scales = [], [], []
+        for t, shards in units:
+            state = self.state[t]
+            buf_flat = local_views(state["momentum_buffer"])[0].view(-1)
+            for s in shards:
+                buf = buf_flat[s.offset : s.offset + s.grad.numel()]
+                if (id(state), s.unit_index) in fresh:  # m_1 = g_1
+                    buf.copy_(s.grad)
+                else:
+                    buf.mul_(mu).add_(s.grad, alpha=1.0 - mu)
+                params.append(s.param)
+                updates.append(buf)
+                scales.append(state["gsnr"][s.unit_index].item() / max_scale)  # host tensor: no sync
+        self._apply(params, updates, group["lr"], group["weight_decay"], group, scales)
+
+    def _init_scales(self, group, units) -> set[tuple[int, int]]:
+        """Take the scales of weights seen non-zero for the first time (one all-reduce of float64
+        (sum, sum of squares) per group); returns their (state id, index) so momentum starts at g."""
+        pending = []
+        for t, shards in units:
+            state = self.state[t]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                state["gsnr"] = torch.full((0,), float("nan"), dtype=torch.float32)
+            need = max(s.unit_index for s in shards) + 1
+            if state["gsnr"].numel() < need:  # a flat partition: one scale per weight it holds
+                pad = torch.full((need - state["gsnr"].numel(),), float("nan"), dtype=torch.float32)
+                state["gsnr"] = torch.cat([state["gsnr"], pad])
+            pending += [(state, s) for s in shards if torch.isnan(state["gsnr"][s.unit_index])]
+        if not pending:
+            return set()
+        stats = torch.stack(
+            [torch.stack([s.grad.sum(dtype=torch.float64), s.grad.double().square().sum()]) for _, s in pending]
+        )
+        shard0 = pending[0][1]
+        if shard0.world > 1 and not shard0.replicated:
+            self._comm(shard0).all_reduce_sum_(stats)
+        counts = torch.tensor([float(s.numel) for _, s in pending], dtype=torch.float64, device=stats.device)
+        scales = gsnr(stats[:, 0], stats[:, 1], counts, group["eps"]).cpu()
+        for (state, s), value in zip(pending, scales):
+            state["gsnr"][s.unit_index] = value
+        return {(id(state), s.unit_index) for state, s in pending}
+
+    def _max_gsnr(self) -> float:
+        """The paper's variant: the max g-SNR over every weight that has one so far."""
+        values = [v for st in self.state.values() if "gsnr" in st for v in st["gsnr"].tolist() if v == v]
+        return max(values) if values else 1.0
