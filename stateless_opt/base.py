@@ -6,8 +6,9 @@
      else the whole tensor);
   2. *screen*: one batched reduction of per-weight sums of squares, one host sync. A NaN/Inf anywhere
      skips the step on every rank (counted in ``skipped_steps``); a weight whose gradient is zero
-     everywhere is left alone (no update, no weight decay, no state, no counter: the zero-gradient
-     ``step()`` that ``torch.distributed.checkpoint`` runs on save/load is a no-op);
+     everywhere is left alone (no update, no weight decay, no counter: the zero-gradient ``step()``
+     that ``torch.distributed.checkpoint`` runs on save/load changes nothing; it only allocates the
+     zero-filled state of stateful rules, which DCP needs as the template to load into);
   3. *update*: the subclass's rule on the live weights of each group, applied to the local fragments.
 """
 
@@ -207,6 +208,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
                 w.group["skipped_steps"] += 1
             return loss
         for w in work:
+            self._ensure_state(w.group, w.units, w.shards)
             units = [(u, [s for s in shards if s.key in live]) for u, shards in zip(w.units, w.shards)]
             units = [(u, ss) for u, ss in units if ss]
             if not units:
@@ -252,6 +254,12 @@ class StatelessOptimizer(torch.optim.Optimizer):
         if not all(math.isfinite(v) for v in values):
             return None
         return {s.key: v for s, v in zip(all_shards, values) if v > 0.0}
+
+    def _ensure_state(self, group: dict, units: list[torch.Tensor], shards: list[list[WeightShard]]) -> None:
+        """Allocate the (zero-filled) state of stateful rules for every tensor with a gradient, even an
+        all-zero one: ``torch.distributed.checkpoint`` and accelerate run a zero-gradient, lr=0
+        ``step()`` and load a checkpoint only into the state that step created. Stateless rules
+        allocate nothing."""
 
     def _step_group(self, group: dict, units: list[tuple[torch.Tensor, list[WeightShard]]], live) -> None:
         raise NotImplementedError

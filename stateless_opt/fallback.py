@@ -18,15 +18,20 @@ from .fragments import split_matrices
 from .base import local_views
 
 
+def adamw_state(state: dict, t: torch.Tensor) -> None:
+    """torch.optim.AdamW's state layout, with fp32 moments also for low-precision weights."""
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
+
+
 def adamw_fallback(opt, group: dict, units: list[torch.Tensor], lr: float) -> None:
     params, grads, exp_avgs, exp_avg_sqs, steps, low = [], [], [], [], [], []
     for t in units:
         data, grad = local_views(t)
         state = opt.state[t]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
+        adamw_state(state, t)
         if data.dtype != torch.float32:  # low-precision weights: torch's math on fp32 copies
             low.append((data, len(params)))
             data, grad = data.float(), grad.float()

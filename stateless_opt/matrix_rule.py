@@ -6,12 +6,17 @@ ratio)."""
 from __future__ import annotations
 
 from .base import StatelessOptimizer
-from .fallback import adamw_fallback, stateless_fallback
+from .fallback import adamw_fallback, adamw_state, stateless_fallback
 from .fragments import MatrixFragment, split_matrices
 
 
 class MatrixRuleOptimizer(StatelessOptimizer):
     uses_rules = True
+
+    def _ensure_state(self, group, units, shards) -> None:
+        if group["rule"] == "fallback" and group["fallback"] == "adamw":
+            for t in units:
+                adamw_state(self.state[t], t)
 
     def _step_group(self, group, units, live) -> None:
         shards = [s for _, ss in units for s in ss]

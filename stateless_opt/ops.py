@@ -90,13 +90,18 @@ def swan_direction(
     else:
         x, transposed = orient(x)
         x = gradnorm(x, eps)
-    gram = torch.matmul(x, x.transpose(-2, -1))
     if method == "eigh":
-        z = inverse_sqrt_eigh(gram)
+        # All in fp64: an fp32 Gram's rounding (~1e-7 lambda_max) sits above the eigenvalue cutoff, so
+        # the null direction of a rank-deficient G~ (every square weight after centring) would be
+        # inverted from noise (up to ~1% error); in fp64 it is cut and the result is the exact U_r V_r^T.
+        x64 = x.double()
+        d = torch.matmul(inverse_sqrt_eigh(torch.matmul(x64, x64.transpose(-2, -1))), x64).float()
+        del x64
     else:
+        gram = torch.matmul(x, x.transpose(-2, -1))
         z = inverse_sqrt_newton_schulz(gram, steps)
-    del gram
-    d = torch.matmul(z, x)
+        del gram
+        d = torch.matmul(z, x)
     if transposed:
         d = d.transpose(-2, -1)
     return rms_normalize_(d.contiguous())

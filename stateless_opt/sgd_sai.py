@@ -57,19 +57,21 @@ class SGDSaI(StatelessOptimizer):
                 scales.append(state["gsnr"][s.unit_index].item() / max_scale)  # host tensor: no sync
         self._apply(params, updates, group["lr"], group["weight_decay"], group, scales)
 
+    def _ensure_state(self, group, units, shards) -> None:
+        """One momentum buffer per tensor (like the weight, local shard only) and one fp32 scale per
+        weight it holds (NaN until the weight's first non-zero gradient), kept on the host."""
+        for t, ss in zip(units, shards):
+            state = self.state[t]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                state["gsnr"] = torch.full((len(ss),), float("nan"), dtype=torch.float32)
+
     def _init_scales(self, group, units) -> set[tuple[int, int]]:
         """Take the scales of weights seen non-zero for the first time (one all-reduce of float64
         (sum, sum of squares) per group); returns their (state id, index) so momentum starts at g."""
         pending = []
         for t, shards in units:
             state = self.state[t]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
-                state["gsnr"] = torch.full((0,), float("nan"), dtype=torch.float32)
-            need = max(s.unit_index for s in shards) + 1
-            if state["gsnr"].numel() < need:  # a flat partition: one scale per weight it holds
-                pad = torch.full((need - state["gsnr"].numel(),), float("nan"), dtype=torch.float32)
-                state["gsnr"] = torch.cat([state["gsnr"], pad])
             pending += [(state, s) for s in shards if torch.isnan(state["gsnr"][s.unit_index])]
         if not pending:
             return set()
