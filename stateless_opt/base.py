@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .collectives import Collectives
 from .config import validate, validate_group
@@ -32,7 +32,9 @@ log = logging.getLogger("stateless_opt")
 
 # Params known to live in a DDP-wrapped model (filled by ``param_groups(ddp_model)``): their
 # gradients are identical on every rank of the group, so whole-matrix work can be split.
-REPLICATED_PARAMS: "weakref.WeakKeyDictionary[torch.Tensor, Any]" = weakref.WeakKeyDictionary()
+# Keyed by identity: a ``weakref.WeakKeyDictionary`` compares tensor keys with ``==`` (elementwise,
+# "Boolean value of Tensor ... is ambiguous" on every lookup of a registered parameter).
+REPLICATED_PARAMS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 # Small per-weight state read on the host every step (SGD-SaI's scales): kept on the CPU, in fp32.
 HOST_STATE = {"gsnr"}
@@ -101,6 +103,9 @@ class StatelessOptimizer(torch.optim.Optimizer):
         for g in self.param_groups:
             g.setdefault("step", 0)
             g.setdefault("skipped_steps", 0)
+            # True shapes at construction: ``rule_counts()`` and the flat-partition check below need
+            # them once a backend (ZeRO) has replaced the tensors by flat partitions.
+            g.setdefault("_shapes", [true_shape(p) for p in g["params"]])
         self.replicate_group = replicate_group
         self.layout_provider = None  # set by integrations whose param_groups hold flat partitions
         self._comms: dict[Any, Collectives] = {}
@@ -166,6 +171,11 @@ class StatelessOptimizer(torch.optim.Optimizer):
             return DTensorLayout()
         if self.uses_rules and group.get("rule") == "matrix" and tensor.dim() < 2:
             raise RuntimeError(FLAT_PARTITION_HINT)
+        shapes = group.get("_shapes")
+        if tensor.dim() == 1 and shapes and tuple(tensor.shape) not in {tuple(s) for s in shapes}:
+            # A 1-D tensor shaped like none of the group's weights: a flat partition (SGD-SaI and the
+            # fallback would otherwise treat the whole partition as one weight, silently wrong).
+            raise RuntimeError(FLAT_PARTITION_HINT)
         rg = self.replicate_group
         if rg is None:
             rg = REPLICATED_PARAMS.get(tensor)
@@ -176,11 +186,13 @@ class StatelessOptimizer(torch.optim.Optimizer):
         return LocalLayout()
 
     def _comm(self, shard: WeightShard) -> Collectives:
-        world = shard.world
-        key = "single" if world == 1 else (shard.group if shard.group is not None else "default")
+        return self._group_comm(shard.group, shard.world)
+
+    def _group_comm(self, group, world: int) -> Collectives:
+        key = "single" if world == 1 else (group if group is not None else "default")
         comm = self._comms.get(key)
         if comm is None:
-            comm = self._comms[key] = Collectives(shard.group, single=(world == 1))
+            comm = self._comms[key] = Collectives(group, single=(world == 1))
         return comm
 
     def bytes_sent(self) -> int:
@@ -234,24 +246,41 @@ class StatelessOptimizer(torch.optim.Optimizer):
 
     def _screen(self, work: list[GroupWork]) -> dict[tuple, float] | None:
         """Global sum of squares of every weight's gradient (one reduction per process group, one host
-        sync); ``None`` if any is NaN/Inf. Returns {weight key: sum of squares} for non-zero weights."""
+        sync); ``None`` if any is NaN/Inf on any rank. Returns {weight key: sum of squares} for non-zero
+        weights.
+
+        Each group's vector carries one extra element, the count of non-finite local sums seen so far,
+        and is reduced also over groups whose shards are replicated (DDP) and then over the replicate
+        dims of HSDP (one scalar): a NaN that appears on one rank after the backend's reduction still
+        skips the step on every rank, so replicas never diverge."""
         all_shards = [s for w in work for shards in w.shards for s in shards]
         norms = torch._foreach_norm([s.grad for s in all_shards], 2, dtype=torch.float32)
         sumsq = torch.stack(norms).square_()
         by_comm: dict[int, list[int]] = {}
         comms: dict[int, Collectives] = {}
+        agree: dict[int, Collectives] = {}
         for i, s in enumerate(all_shards):
-            if s.world > 1 and not s.replicated:
+            if s.world > 1:
                 c = self._comm(s)
-                by_comm.setdefault(id(c), []).append(i)
                 comms[id(c)] = c
+                idx = by_comm.setdefault(id(c), [])
+                if not s.replicated:
+                    idx.append(i)
+            for g in s.agree_groups:
+                c = self._group_comm(g, dist.get_world_size(g))
+                agree[id(c)] = c
+        bad = (~torch.isfinite(sumsq)).sum(dtype=torch.float32).reshape(1)
         for cid, idx in by_comm.items():
-            index = torch.tensor(idx, device=sumsq.device)
-            part = sumsq[index].contiguous()
+            index = torch.tensor(idx, dtype=torch.long, device=sumsq.device)
+            part = torch.cat([sumsq[index], bad])
             comms[cid].all_reduce_sum_(part)
-            sumsq[index] = part
-        values = sumsq.tolist()
-        if not all(math.isfinite(v) for v in values):
+            sumsq[index] = part[:-1]
+            bad = part[-1:]
+        for cid, c in agree.items():
+            if cid not in comms:
+                c.all_reduce_sum_(bad)
+        values = torch.cat([sumsq, bad]).tolist()
+        if not all(math.isfinite(v) for v in values) or values[-1] > 0:
             return None
         return {s.key: v for s, v in zip(all_shards, values) if v > 0.0}
 

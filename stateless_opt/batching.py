@@ -138,15 +138,24 @@ def normalize_rows_cols(
     index = ChunkIndex(frags, device)
     stacks = stack_local(frags, index)
     reduce_rows, reduce_cols = needs_row_reduce(frags), needs_col_reduce(frags)
+    row_total = torch.ones(index.rows, dtype=torch.float32, device=device)
+    col_total = torch.ones(index.cols, dtype=torch.float32, device=device)
     for _ in range(iterations):
-        _normalize_axis(stacks, index, comm, eps, rows=True, reduce=reduce_rows)
+        _normalize_axis(stacks, index, comm, eps, rows=True, reduce=reduce_rows, total=row_total)
         if columns:
-            _normalize_axis(stacks, index, comm, eps, rows=False, reduce=reduce_cols)
+            _normalize_axis(stacks, index, comm, eps, rows=False, reduce=reduce_cols, total=col_total)
     for st in stacks:
         apply(st.frags, st.x)
 
 
-def _normalize_axis(stacks, index: ChunkIndex, comm, eps, *, rows: bool, reduce: bool) -> None:
+def _normalize_axis(stacks, index: ChunkIndex, comm, eps, *, rows: bool, reduce: bool, total: torch.Tensor) -> None:
+    """One half-round: every row (or column) of every matrix to l2 norm sqrt(n) (or sqrt(m)).
+
+    ``total`` is the cumulative scale already applied to each row (column). Norms are taken *before*
+    that scale (norm / total), so the floor is relative to the matrix's own scale in every round and
+    a row floored once stays floored: re-flooring the already scaled row would grow it by ~1/eps per
+    round until a 1e-30 row reached full norm.
+    """
     size = index.rows if rows else index.cols
     device = index.m.device
     sumsq = torch.zeros(size, dtype=torch.float32, device=device)
@@ -155,10 +164,13 @@ def _normalize_axis(stacks, index: ChunkIndex, comm, eps, *, rows: bool, reduce:
     if reduce:
         comm.all_reduce_sum_(sumsq)
     matrix_of = index.row_matrix if rows else index.col_matrix
-    fro = torch.zeros(index.count, dtype=torch.float32, device=device).index_add_(0, matrix_of, sumsq).sqrt_()
+    norms = sumsq.sqrt_().div_(total)
+    fro = torch.zeros(index.count, dtype=torch.float32, device=device).index_add_(0, matrix_of, norms.square()).sqrt_()
     count = index.m if rows else index.n  # how many rows (columns) share the matrix's norm
     target = (index.n if rows else index.m).sqrt()[matrix_of]  # each row gets norm sqrt(n)
-    scale = target / floor_norms(sumsq.sqrt_(), matrix_of, fro, count, eps)
+    new_total = target / floor_norms(norms, matrix_of, fro, count, eps)
+    scale = new_total / total
+    total.copy_(new_total)
     for st in stacks:
         (st.scale_rows_ if rows else st.scale_cols_)(scale)
 

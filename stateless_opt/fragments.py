@@ -42,6 +42,9 @@ class WeightShard:
     replicated: bool = False
     unit_index: int = 0  # which weight of the unit tensor (a ZeRO flat partition holds many)
     offset: int = 0  # where this weight's local piece starts in the unit's local flat tensor
+    # Other process groups holding copies of this shard (HSDP's replicate mesh dims): they take no
+    # part in the math, only in the NaN/Inf skip decision, so every replica skips the same steps.
+    agree_groups: tuple = ()
 
     @property
     def numel(self) -> int:
@@ -252,6 +255,9 @@ class DTensorLayout:
                 f"DTensor local shard has {local.numel()} elements, expected {e - s} from torch.chunk "
                 f"of shape {shape} over {world} ranks: unsupported sharding"
             )
+        replicas = tuple(
+            mesh.get_group(i) for i, p in enumerate(placements) if isinstance(p, Replicate) and mesh.size(i) > 1
+        )
         # FSDP2 may pad the local storage; only the leading e - s elements are real.
         return [
             WeightShard(
@@ -262,6 +268,7 @@ class DTensorLayout:
                 grad=_flat(grad)[: e - s],
                 param=_flat(local)[: e - s],
                 group=group,
+                agree_groups=replicas,
             )
         ]
 

@@ -136,19 +136,13 @@ def gsnr(g: torch.Tensor, eps: float) -> float:
 class SGDSaIRef:
     """SGD-SaI on a list of tensors, float64: scale at the first non-zero gradient, EMA momentum
     (m_1 = g_1), p <- (1 - lr*wd) p - lr * scale * m; all-zero or missing gradients skip the tensor.
+    ``max_normalized``: the paper's variant, every scale divided by the max scale taken so far."""
 
-    ``bf16_momentum`` rounds the momentum buffer to bf16 after each in-place op, as a buffer stored
-    in the weight's dtype does (the official code and ours keep it in the parameter's dtype)."""
-
-    def __init__(self, lr=1e-2, momentum=0.9, eps=1e-8, weight_decay=1e-2, max_normalized=False,
-                 bf16_momentum=False):
+    def __init__(self, lr=1e-2, momentum=0.9, eps=1e-8, weight_decay=1e-2, max_normalized=False):
         self.lr, self.mu, self.eps, self.wd = lr, momentum, eps, weight_decay
-        self.max_normalized, self.bf16_momentum = max_normalized, bf16_momentum
+        self.max_normalized = max_normalized
         self.scale: dict[int, float] = {}
         self.buf: dict[int, torch.Tensor] = {}
-
-    def _store(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.bfloat16).to(F64) if self.bf16_momentum else x
 
     def step(self, weights: list[torch.Tensor], grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
         live = [i for i, g in enumerate(grads) if g is not None and bool(g.ne(0).any())]
@@ -160,9 +154,9 @@ class SGDSaIRef:
         for i in live:
             g = grads[i].to(F64)
             if i not in self.buf:
-                self.buf[i] = self._store(g.clone())
+                self.buf[i] = g.clone()
             else:
-                self.buf[i] = self._store(self._store(self.buf[i] * self.mu) + (1 - self.mu) * g)
+                self.buf[i] = self.mu * self.buf[i] + (1 - self.mu) * g
             out[i] = (1 - self.lr * self.wd) * out[i] - self.lr * (self.scale[i] / top) * self.buf[i]
         return out
 

@@ -1,0 +1,345 @@
+"""Edge cases of the single-process optimizers: zero and non-finite gradients, empty groups, params
+without gradients, checkpoint/resume bit-for-bit, bf16 stochastic rounding, and the split of a real
+(tiny, randomly initialised) transformers LlamaForCausalLM into matrix / fallback rules."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import reference as R
+from stateless_opt import SGDSaI, SinkGD, SWAN, param_groups
+
+# (name, constructor) for every optimizer / fallback combination with different state
+OPTIMIZERS = {
+    "swan-adamw": lambda ps, **kw: SWAN(ps, **{"lr": 0.02, "weight_decay": 0.1, **kw}),
+    "swan-stateless": lambda ps, **kw: SWAN(ps, **{"lr": 0.02, "weight_decay": 0.1, "fallback": "stateless", **kw}),
+    "sinkgd-adamw": lambda ps, **kw: SinkGD(ps, **{"lr": 0.02, "weight_decay": 0.1, **kw}),
+    "sinkgd-stateless": lambda ps, **kw: SinkGD(ps, **{"lr": 0.02, "weight_decay": 0.1, "fallback": "stateless", **kw}),
+    "sgdsai": lambda ps, **kw: SGDSaI(ps, **{"lr": 1e-3, "weight_decay": 0.1, **kw}),
+}
+STATEFUL = {"swan-adamw", "sinkgd-adamw", "sgdsai"}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _params(dtype=torch.float32, seed=0) -> list[nn.Parameter]:
+    """A tall matrix, a wide one, a conv weight, a bias and a scalar."""
+    g = _gen(seed)
+    shapes = [(12, 5), (5, 12), (4, 2, 3, 3), (7,), ()]
+    return [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def _set_grads(params, seed: int) -> None:
+    g = _gen(seed)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) + 0.1).to(p.dtype)
+
+
+def _snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------ zero gradients
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_all_zero_gradient_is_a_no_op(name):
+    # No update, no weight decay, no counter; stateful rules only get their zero-filled template
+    # (what torch.distributed.checkpoint loads into), stateless ones get nothing.
+    ps = _params()
+    opt = OPTIMIZERS[name](ps)
+    before = _snapshot(ps)
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert _same(before, _snapshot(ps))
+    assert all(g["step"] == 0 and g["skipped_steps"] == 0 for g in opt.param_groups)
+    assert opt.skipped_steps == 0
+    if name not in STATEFUL:
+        assert len(opt.state) == 0
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if k == "gsnr":
+                assert torch.isnan(v).all()
+            else:
+                assert torch.count_nonzero(v) == 0, k  # moments, momentum and AdamW's step all zero
+    if name != "sgdsai":  # the matrix rule itself never has state
+        matrix = [p for g in opt.param_groups if g["rule"] == "matrix" for p in g["params"]]
+        assert len(matrix) == 3 and not any(p in opt.state for p in matrix)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_zero_gradient_step_does_not_change_later_steps(name):
+    # A run with a zero-gradient step inserted (DCP's save/load step, lr 0) equals one without it,
+    # bit for bit, in fp32 and bf16 (stochastic rounding is seeded by the step counter).
+    for dtype in (torch.float32, torch.bfloat16):
+        runs = []
+        for insert in (False, True):
+            ps = _params(dtype)
+            opt = OPTIMIZERS[name](ps)
+            if insert:
+                for p in ps:
+                    p.grad = torch.zeros_like(p)
+                for g in opt.param_groups:
+                    g["lr"], lr = 0.0, g["lr"]
+                opt.step()
+                for g in opt.param_groups:
+                    g["lr"] = lr
+            for t in range(3):
+                _set_grads(ps, t)
+                opt.step()
+            runs.append(_snapshot(ps))
+        assert _same(*runs), dtype
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_zero_gradient_weight_next_to_live_ones(name):
+    # In one group, the zero-gradient weight is untouched (no weight decay) while the others step
+    # and the group's counter advances once.
+    ps = _params()
+    opt = OPTIMIZERS[name](ps)
+    before = _snapshot(ps)
+    _set_grads(ps, 0)
+    ps[0].grad.zero_()
+    ps[3].grad.zero_()
+    opt.step()
+    after = _snapshot(ps)
+    for i in range(len(ps)):
+        assert torch.equal(before[i], after[i]) == (i in (0, 3)), i
+    assert all(g["step"] == 1 for g in opt.param_groups)
+    if name in STATEFUL:
+        key = "gsnr" if name == "sgdsai" else None
+        if key:
+            assert torch.isnan(opt.state[ps[0]]["gsnr"]).all() and not torch.isnan(opt.state[ps[1]]["gsnr"]).any()
+        else:
+            assert opt.state[ps[3]]["step"].item() == 0 and opt.state[ps[4]]["step"].item() == 1
+
+
+# ------------------------------------------------------------------------------------ NaN / Inf
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 2, 3, 4])  # matrix, conv, 1-D, 0-D
+@pytest.mark.parametrize("name", ["swan-adamw", "sinkgd-stateless", "sgdsai"])
+def test_non_finite_gradient_skips_whole_step(name, where, bad):
+    ps = _params()
+    opt = OPTIMIZERS[name](ps)
+    _set_grads(ps, 0)
+    opt.step()  # a real step first, so there is state and a counter to protect
+    state_before = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    steps_before = [g["step"] for g in opt.param_groups]
+    before = _snapshot(ps)
+    _set_grads(ps, 1)
+    ps[where].grad.view(-1)[0] = bad
+    opt.step()
+    assert _same(before, _snapshot(ps))
+    assert opt.skipped_steps == 1
+    assert [g["step"] for g in opt.param_groups] == steps_before
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            assert torch.equal(v, state_before[id(p)][k]) or (torch.isnan(v).all() and torch.isnan(state_before[id(p)][k]).all())
+    _set_grads(ps, 2)  # training goes on
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert not _same(before, _snapshot(ps))
+    assert all(torch.isfinite(p).all() for p in ps)
+
+
+def test_non_finite_first_step_creates_no_state():
+    for name in STATEFUL:
+        ps = _params()
+        opt = OPTIMIZERS[name](ps)
+        _set_grads(ps, 0)
+        ps[1].grad[0, 0] = float("nan")
+        opt.step()
+        assert len(opt.state) == 0 and opt.skipped_steps == 1, name
+
+
+# ------------------------------------------------------------------------------------ groups
+@pytest.mark.parametrize("cls", [SWAN, SinkGD, SGDSaI])
+def test_empty_parameter_list_raises(cls):
+    with pytest.raises(ValueError, match="empty parameter list"):
+        cls([])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_empty_group_and_params_without_grads(name):
+    ps = _params()
+    opt = OPTIMIZERS[name]([{"params": []}, {"params": ps}])
+    before = _snapshot(ps)
+    opt.step()  # nothing has a gradient: a no-op
+    assert _same(before, _snapshot(ps))
+    assert all(g["step"] == 0 for g in opt.param_groups) and len(opt.state) == 0
+    _set_grads(ps, 0)
+    ps[1].grad = None
+    ps[4].grad = None
+    opt.step()
+    after = _snapshot(ps)
+    assert torch.equal(before[1], after[1]) and torch.equal(before[4], after[4])
+    assert not torch.equal(before[0], after[0]) and not torch.equal(before[3], after[3])
+    assert ps[1] not in opt.state and ps[4] not in opt.state
+    for g in opt.param_groups:
+        assert g["step"] == (1 if g["params"] else 0)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _run(name, dtype, steps, seed0, ps=None, opt=None):
+    ps = ps or _params(dtype)
+    opt = opt or OPTIMIZERS[name](ps)
+    for t in range(steps):
+        _set_grads(ps, seed0 + t)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(OPTIMIZERS) + ["sgdsai-max"])
+def test_resume_continues_bit_for_bit(name, dtype):
+    # 3 steps, checkpoint (torch.save of weights + optimizer.state_dict()), 3 more steps; a fresh
+    # model + optimizer loaded from the checkpoint replays the last 3 steps exactly (torch.equal),
+    # including AdamW moments, SGD-SaI scales and bf16 stochastic rounding (seeded by the step).
+    make = (lambda ps: OPTIMIZERS["sgdsai"](ps, max_normalized_gsnr=True)) if name == "sgdsai-max" else OPTIMIZERS[name]
+    ps = _params(dtype)
+    opt = make(ps)
+    _run(name, dtype, 3, 0, ps, opt)
+    buf = io.BytesIO()
+    torch.save({"w": _snapshot(ps), "opt": opt.state_dict()}, buf)
+    _run(name, dtype, 3, 10, ps, opt)
+    expected = _snapshot(ps)
+
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    ps2 = [nn.Parameter(w.clone()) for w in ckpt["w"]]
+    opt2 = make(ps2)
+    opt2.load_state_dict(ckpt["opt"])
+    for p, q in zip(ps, ps2):  # state dtypes survive (fp32 moments / scales for bf16 weights)
+        for k, v in opt.state.get(p, {}).items():
+            assert opt2.state[q][k].dtype == v.dtype and opt2.state[q][k].device == v.device, k
+    _run(name, dtype, 3, 10, ps2, opt2)
+    assert _same(expected, _snapshot(ps2))
+    for p, q in zip(ps, ps2):
+        for k, v in opt.state.get(p, {}).items():
+            assert torch.equal(v, opt2.state[q][k]) or (torch.isnan(v).all() and torch.isnan(opt2.state[q][k]).all()), k
+    assert [g["step"] for g in opt.param_groups] == [g["step"] for g in opt2.param_groups]
+
+    # ... and the checkpoint matters: without load_state_dict the continuation differs (except for
+    # fp32 stateless rules, which have nothing to carry)
+    ps3 = [nn.Parameter(w.clone()) for w in ckpt["w"]]
+    _run(name, dtype, 3, 10, ps3, make(ps3))
+    carries = name in STATEFUL or name == "sgdsai-max" or dtype == torch.bfloat16
+    assert _same(expected, _snapshot(ps3)) != carries
+
+
+# ------------------------------------------------------------------------------------ bf16 rounding
+def _small_lr_case(kind: str, stochastic: bool):
+    """Pure-bf16 weights at 1.0 whose exact update is -1e-4 per entry per step: ~1/40 of a bf16 ulp
+    below 1.0 (2^-8), so round-to-nearest drops it. Returns (mean change after 8 steps, expected)."""
+    steps = 8
+    if kind == "sinkgd":  # a constant gradient: every entry of the SinkGD direction is exactly 1
+        w = nn.Parameter(torch.ones(256, 256, dtype=torch.bfloat16))
+        opt = SinkGD([w], lr=1e-4, stochastic_rounding=stochastic)
+        grad = torch.ones(256, 256, dtype=torch.bfloat16)
+    elif kind == "adamw":  # AdamW fallback: a constant gradient moves each entry by lr * ratio
+        w = nn.Parameter(torch.ones(65536, dtype=torch.bfloat16))
+        opt = SWAN([w], lr=1e-4 / 20, fallback_lr_ratio=20.0, stochastic_rounding=stochastic)
+        grad = torch.ones(65536, dtype=torch.bfloat16)
+    else:  # SGD-SaI, momentum 0.9 of a constant +-1 gradient, scale ||g|| / std
+        w = nn.Parameter(torch.ones(65536, dtype=torch.bfloat16))
+        grad = torch.where(torch.arange(65536) % 2 == 0, 1.0, -1.0).to(torch.bfloat16)
+        scale = math.sqrt(65536) / 1.0  # ||g|| = 256, unbiased std of +-1 (zero mean) = sqrt(N/(N-1)) ~ 1
+        opt = SGDSaI([w], lr=1e-4 / scale, weight_decay=0.0, stochastic_rounding=stochastic)
+    for _ in range(steps):
+        w.grad = grad.clone()
+        opt.step()
+    change = w.detach().double() - 1.0
+    if kind == "sgdsai":
+        change = change * grad.double()  # align signs
+    return change.mean().item(), -1e-4 * steps
+
+
+@pytest.mark.parametrize("kind", ["sinkgd", "adamw", "sgdsai"])
+def test_bf16_stochastic_rounding_keeps_small_updates(kind):
+    mean, expected = _small_lr_case(kind, stochastic=True)
+    # the mean over 65536 entries of an unbiased rounding: std ~ 2e-6 of a -8e-4 expectation
+    assert mean == pytest.approx(expected, rel=0.05), mean
+    mean_rn, _ = _small_lr_case(kind, stochastic=False)
+    assert mean_rn == 0.0  # round-to-nearest loses every update
+
+
+def test_bf16_statistics_are_fp32():
+    # A bf16 gradient with rows whose scale spans 1e-3..1e3: bf16 sums of squares (8-bit mantissa)
+    # would put SinkGD's column norms ~1% off; fp32 ones are exact to ~1e-6 before the final cast.
+    g = (torch.randn(32, 64, generator=_gen(0)) * torch.logspace(-3, 3, 32)[:, None]).to(torch.bfloat16)
+    w = nn.Parameter(torch.zeros(32, 64, dtype=torch.bfloat16))
+    w.grad = g
+    SinkGD([w], lr=1.0, iterations=3, stochastic_rounding=False).step()
+    ref = R.sinkgd_update(g.double(), iterations=3)
+    err = (-w.detach().double() - ref).abs() / R.bf16_ulp(ref)
+    assert err.max() <= 0.5 + 1e-3  # each entry is the round-to-nearest of the float64 value
+
+
+# ------------------------------------------------------------------------------------ Llama
+def _llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_param_groups_and_rule_counts(tied):
+    model = _llama(tied)
+    groups = param_groups(model, fallback_weight_decay=0.0)
+    by_rule = {g["rule"]: g for g in groups}
+    matrix_names = set(by_rule["matrix"]["names"])
+    fallback_names = set(by_rule["fallback"]["names"])
+    projections = {f"model.layers.{i}.{blk}.{p}_proj.weight" for i in range(2)
+                   for blk, ps in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in ps}
+    assert matrix_names == projections
+    norms = {f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+    expected_fallback = {"model.embed_tokens.weight", "model.norm.weight", *norms}
+    if not tied:
+        expected_fallback.add("lm_head.weight")
+    assert fallback_names == expected_fallback
+    assert by_rule["fallback"]["weight_decay"] == 0.0
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    per_layer = 32 * 32 + 16 * 32 + 16 * 32 + 32 * 32 + 3 * 64 * 32  # q, k, v (2 kv heads), o, gate/up/down
+    fallback_params = 64 * 32 * (1 if tied else 2) + 5 * 32
+    expected = {"matrix": {"tensors": 14, "params": 2 * per_layer},
+                "fallback": {"tensors": 6 if tied else 7, "params": fallback_params}}
+    for cls in (SWAN, SinkGD):
+        assert cls(groups, lr=1e-3).rule_counts() == expected
+    total = sum(p.numel() for p in model.parameters())  # parameters() counts the tied weight once
+    assert SGDSaI(groups).rule_counts() == {"elementwise": {"tensors": 20 if tied else 21, "params": total}}
+    # a plain parameter list splits by shape only: the embedding (2-D) would land in the matrix rule
+    assert SWAN(model.parameters()).rule_counts()["matrix"]["tensors"] == 14 + (1 if tied else 2)
+
+
+def test_llama_trains_a_few_steps():
+    # End to end on the tiny Llama: finite loss that goes down, fallback AdamW state only for the
+    # fallback weights, none for the projections.
+    model = _llama(False)
+    opt = SWAN(param_groups(model), lr=2e-3)
+    ids = torch.randint(0, 64, (4, 16), generator=_gen(0))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    matrix = opt.param_groups[0]["params"]
+    assert opt.param_groups[0]["rule"] == "matrix" and not any(p in opt.state for p in matrix)
+    assert len(opt.state) == 7
