@@ -3,9 +3,10 @@ on one GPU, under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 with the single-process up
 
 from .config import SGDSaIConfig, SinkGDConfig, SWANConfig
 from .grouping import param_groups
+from .memory import memory_report
 from .sgd_sai import SGDSaI
 from .sinkgd import SinkGD
 from .swan import SWAN
 
-__all__ = ["SWAN", "SinkGD", "SGDSaI", "param_groups", "SWANConfig", "SinkGDConfig", "SGDSaIConfig"]
+__all__ = ["SWAN", "SinkGD", "SGDSaI", "param_groups", "memory_report", "SWANConfig", "SinkGDConfig", "SGDSaIConfig"]
 __version__ = "0.1.0"

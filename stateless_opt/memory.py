@@ -1,56 +1,188 @@
-"""Per-rank memory accounting: what this rank holds, measured, next to what AdamW would hold.
+"""Per-rank memory report: what this rank holds, measured, next to what AdamW would hold.
 
-Components per rank (bytes): parameters, gradients, fp32 master weights, optimizer state (split into
-matrix-rule and fallback), and the rest (activations, buffers, allocator slack) = measured peak minus
-the known components. The AdamW prediction swaps our optimizer state for AdamW's, computed by the
-formula below for the same backend, ZeRO stage, world size and dtypes; everything else is equal.
+``memory_report(model, optimizer)`` (or ``memory_report(engine)`` for DeepSpeed) measures on every
+rank, after a training step:
 
-Bytes per parameter of optimizer state (N = world size over which state is sharded):
-  AdamW                      8 / N      (two fp32 moments; 2 x param bytes if params are not fp32)
-  SWAN / SinkGD, matrix      0
-  fallback AdamW             8 / N      of the fallback's parameters
-  fallback stateless         0
-  SGD-SaI                    momentum (param bytes, fp32 under a master) / N + 4 bytes per tensor
-N is 1 for single/DDP, the shard size for FSDP2/HSDP, the data-parallel size for ZeRO-1/2/3.
+* **params**: the model's parameters as this rank stores them (FSDP2: the local shards; ZeRO-1/2:
+  DeepSpeed's flat low-precision buffers; ZeRO-3: each weight's ``ds_tensor`` partition plus the
+  persistent small weights);
+* **grads**: the gradient storage the backend holds (``p.grad``; ZeRO: its gradient partitions and
+  buffers). Gradients already freed when the report runs (``zero_grad(set_to_none=True)``, or ZeRO
+  releasing them after its step) read 0; the formula's figure is then used for ``rest``;
+* **master**: fp32 master weights held outside the model (ZeRO's ``single_partition_of_fp32_groups``
+  for stage 1/2, ``fp32_partitioned_groups_flat`` for stage 3, BF16_Optimizer's
+  ``fp32_groups_flat_partition``); a master sharing the parameters' storage would count once, as
+  params;
+* **state**: the bytes of ``optimizer.state``, split by the owning param group's ``"rule"`` into
+  matrix-rule, fallback and other (groups without a rule key: torch optimizers, SGD-SaI on a plain
+  parameter list). Under ZeRO the base optimizer steps one flat tensor per param group (per ZeRO-3
+  sub-group), so state is mapped to its group through DeepSpeed's flat partitions;
+* **peak**: ``torch.cuda.max_memory_allocated`` (and ``max_memory_reserved``) on a GPU, the peak RSS
+  (``resource.getrusage``) on the CPU, where the current RSS (psutil) is reported too. Reset the CUDA
+  peak (``torch.cuda.reset_peak_memory_stats()``) before the steps you want measured;
+* **rest** = peak - params - grads - master - state: activations, buffers (DDP buckets, ZeRO's
+  reduce buckets, FSDP2's all-gathered weights), temporaries of the optimizer step, allocator slack.
+
+Tensors on the host while the peak is measured on a GPU (the ``step`` scalars of AdamW, SGD-SaI's
+per-weight scales, ZeRO-Offload's master and state) are counted in ``host``, not in the components.
+Storages are counted once however many views point into them (FSDP2 and ZeRO hand out views of flat
+buffers). Every rank's record is gathered (``all_gather_object``, so every rank must call), printed
+on rank 0 as a table, returned on every rank as a dict, and written as JSON on request.
+
+The AdamW prediction: same backend, ZeRO stage, world size and dtypes; only the optimizer state is
+swapped for torch AdamW's (``exp_avg`` + ``exp_avg_sq`` shaped and typed like each tensor the
+optimizer steps, plus a 4-byte ``step`` per tensor), computed from this rank's actual layout, so
+padding is included. ``adamw_peak = peak - state + adamw_state`` (device bytes): AdamW's state is
+resident for the whole step, like ours; differences in step temporaries are not modelled (torch's
+foreach AdamW allocates about one fp32 copy of a group's parameters during its step, fused AdamW
+does not). ``saving = adamw_peak - peak``.
+
+Formula (bytes per parameter on each rank; ``P`` = bytes of a stored parameter (4 fp32, 2 bf16),
+``N`` = ranks the backend shards over (1 single/DDP, the FSDP2 shard-mesh size, the ZeRO
+data-parallel size), ``S`` = optimizer-state bytes per parameter, below):
+
+    backend              params   grads   fp32 master            optimizer state
+    single GPU / DDP     P        P       0                      S
+    FSDP2 (shard N)      P/N      P/N     0                      S/N
+    ZeRO-1               P        P       4/N                    S/N
+    ZeRO-2               P        P/N     4/N                    S/N
+    ZeRO-3               P/N (*)  P/N     4/N                    S/N
+    ZeRO-1 BF16_Optimizer  2      4       4/N                    S/N
+
+    S: AdamW 2D (D = bytes of the tensor stepped: the fp32 master under ZeRO, else P) + 4 bytes per
+       stepped tensor; SGD 0; SGD with momentum D; SGD-SaI D + 4 bytes per weight (its g-SNR scale,
+       kept on the host); SWAN / SinkGD 0 on matrix-rule weights, 8 (fp32 moments) + 4 bytes per
+       tensor on fallback weights with fallback="adamw", 0 with fallback="stateless".
+
+ZeRO-1/2/3 keep a separate fp32 master even for fp32 parameters: stage 1/2 clone the partition, and
+stage 3's intended sharing for fp32 parameters never triggers in DeepSpeed 0.19.8 (it compares a
+``torch.device`` with a device string); measured by storage, so a version that shares reads 0.
+(*) ZeRO-3 keeps weights under ``stage3_param_persistence_threshold`` (default 1e5 elements: norms,
+biases) whole on every rank, on top of their partitions. ZeRO's partitions are padded (a few
+elements per group), so measured figures exceed ``numel / N`` by that padding; FSDP2's uneven row
+shards leave some ranks a little above, some below ``numel / N``. The same table in Markdown is
+``FORMULA_MARKDOWN``; ``predict(...)`` evaluates it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import psutil
 import torch
 import torch.distributed as dist
 
-GiB = 2**30
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+
+FORMULA_MARKDOWN = """\
+| backend | params | grads | fp32 master | optimizer state |
+|---|---|---|---|---|
+| single GPU / DDP | P | P | 0 | S |
+| FSDP2 (shard size N) | P/N | P/N | 0 | S/N |
+| ZeRO-1 | P | P | 4/N | S/N |
+| ZeRO-2 | P | P/N | 4/N | S/N |
+| ZeRO-3 | P/N (+ small persistent weights whole) | P/N | 4/N | S/N |
+| ZeRO-1 + BF16_Optimizer (bf16, fp32 grad accumulation) | 2 | 4 | 4/N | S/N |
+
+Bytes per parameter on each rank. P: bytes of a stored parameter (4 fp32, 2 bf16). N: ranks the
+backend shards over (the FSDP2 shard-mesh size, the ZeRO data-parallel size). S, optimizer state per
+parameter: AdamW 2D (D: bytes of the tensor it steps, the fp32 master under ZeRO, else P) + a 4-byte
+step per tensor; SGD 0; SGD with momentum D; **SGD-SaI D** + a 4-byte scale per weight; **SWAN and
+SinkGD 0** on matrix-rule weights, 8 (fp32 moments) on fallback weights with `fallback="adamw"`,
+**0 end to end with `fallback="stateless"`**. ZeRO partitions are padded by a few elements per group.
+Activations, communication buckets and step temporaries come on top ("rest").
+"""
+
+# backend -> (params sharded, grads sharded, master: None | "always" | "unless_fp32", state sharded)
+_LAYOUT: dict[str, tuple[bool, bool, str | None, bool]] = {
+    "single": (False, False, None, False),
+    "ddp": (False, False, None, False),
+    "zero0": (False, False, None, False),
+    "fsdp2": (True, True, None, True),
+    "zero1": (False, False, "always", True),
+    "zero2": (False, True, "always", True),
+    "zero3": (True, True, "always", True),
+    "zero1-bf16": (False, False, "always", True),
+}
+BACKENDS = tuple(_LAYOUT)
 
 
+def state_bytes_per_param(optimizer: str, *, dtype_bytes: int = 4, fallback_fraction: float = 0.0,
+                          fallback: str = "adamw") -> float:
+    """``S`` of the formula (excluding the per-tensor scalars) for ``optimizer`` in
+    {"adamw", "sgd", "sgd_momentum", "sgdsai", "swan", "sinkgd"}; ``fallback_fraction`` is the share
+    of parameters SWAN/SinkGD send to their fallback."""
+    name = optimizer.lower()
+    if name in ("adamw", "adam"):
+        return 2.0 * dtype_bytes
+    if name == "sgd":
+        return 0.0
+    if name in ("sgd_momentum", "sgdsai"):
+        return float(dtype_bytes)
+    if name in ("swan", "sinkgd"):
+        return 8.0 * fallback_fraction if fallback == "adamw" else 0.0
+    raise ValueError(f"no state formula for optimizer {optimizer!r}")
+
+
+def predict(numel: int, *, backend: str = "single", world: int = 1, param_bytes: int = 4,
+            state_bytes: float = 8.0, scalars: int = 0) -> dict[str, float]:
+    """Per-rank bytes of params, grads, fp32 master and optimizer state by the formula (module
+    docstring) for ``numel`` parameters; ``state_bytes`` is ``S`` (``state_bytes_per_param``) and
+    ``scalars`` the number of 4-byte per-tensor state scalars this rank holds (AdamW's ``step``)."""
+    if backend not in _LAYOUT:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    p_sh, g_sh, master, s_sh = _LAYOUT[backend]
+    n = max(int(world), 1)
+    grad_bytes = 4 if backend == "zero1-bf16" else param_bytes
+    p_bytes = 2 if backend == "zero1-bf16" else param_bytes
+    has_master = master == "always" or (master == "unless_fp32" and p_bytes != 4)
+    return {
+        "params": numel * p_bytes / (n if p_sh else 1),
+        "grads": numel * grad_bytes / (n if g_sh else 1),
+        "master": 4 * numel / n if has_master else 0.0,
+        "state": numel * state_bytes / (n if s_sh else 1) + 4 * scalars,
+    }
+
+
+# ------------------------------------------------------------------------------------- records
 @dataclass
 class RankMemory:
     rank: int
-    backend: str
     world: int
+    backend: str
+    stage: int | None
+    shard: int  # N: ranks the parameters / state are sharded over
     optimizer: str
+    device: str
+    param_dtype: str = ""
+    numel: int = 0  # trainable parameters of the model (true shapes, all ranks together)
+    tensors: int = 0
+    local_numel: int = 0  # elements of the tensors the optimizer steps on this rank
     params: int = 0
     grads: int = 0
     master: int = 0
     state_matrix: int = 0
     state_fallback: int = 0
     state_other: int = 0
+    host: int = 0  # bytes of the above components that live on the host while peak is a GPU's
+    state_host: int = 0
+    state_pred: int | None = None  # our optimizer's state, predicted from this rank's layout
+    state_pred_host: int | None = None
+    adamw_state: int = 0  # AdamW's state (device), predicted from this rank's layout
+    adamw_state_host: int = 0
+    grads_formula: int = 0
     peak_allocated: int = 0
     peak_reserved: int = 0
     rss: int = 0
     peak_rss: int = 0
-    device: str = "cpu"
-    numel: int = 0
-    predicted_state: int = 0
-    adamw_state: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    formula: dict[str, float] = field(default_factory=dict)
+    label: str = ""
 
     @property
     def state(self) -> int:
@@ -62,7 +194,8 @@ class RankMemory:
 
     @property
     def rest(self) -> int:
-        return max(0, self.peak - self.params - self.grads - self.master - self.state)
+        grads = max(self.grads, self.grads_formula)
+        return max(0, self.peak - self.params - grads - self.master - self.state)
 
     @property
     def adamw_peak(self) -> int:
@@ -70,156 +203,394 @@ class RankMemory:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(state=self.state, peak=self.peak, rest=self.rest, adamw_peak=self.adamw_peak,
-                 saving_bytes=self.adamw_peak - self.peak,
-                 saving_pct=100.0 * (self.adamw_peak - self.peak) / self.adamw_peak if self.adamw_peak else 0.0)
+        saving = self.adamw_peak - self.peak
+        d.update(
+            state=self.state, peak=self.peak, rest=self.rest, adamw_peak=self.adamw_peak,
+            saving_bytes=saving, saving_gib=saving / GiB,
+            saving_pct=100.0 * saving / self.adamw_peak if self.adamw_peak > 0 else 0.0,
+            # the same breakdown predicted for AdamW: only the optimizer state differs
+            adamw={"params": self.params, "grads": self.grads, "master": self.master, "state": self.adamw_state,
+                   "state_host": self.adamw_state_host, "rest": self.rest, "peak": self.adamw_peak},
+        )
         return d
 
 
+# ------------------------------------------------------------------------------------- helpers
 def _local(t: torch.Tensor) -> torch.Tensor:
     try:
         from torch.distributed.tensor import DTensor
-
-        if isinstance(t, DTensor):
-            return t.to_local()
     except ImportError:  # pragma: no cover
-        pass
-    return t
+        return t
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _nbytes(t: torch.Tensor | None) -> int:
-    if t is None or not torch.is_tensor(t):
-        return 0
-    t = _local(t)
-    return t.numel() * t.element_size()
+class _Counter:
+    """Bytes of storages, each counted once over all components, split into device / host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seen: set[tuple] = set()
+
+    def add(self, tensors: Iterable[Any]) -> tuple[int, int]:
+        dev = host = 0
+        for t in tensors:
+            if not torch.is_tensor(t):
+                continue
+            t = _local(t)
+            if t.numel() == 0 or t.device.type == "meta":
+                continue
+            try:
+                storage = t.untyped_storage()
+                key, nbytes = (t.device.type, t.device.index, storage.data_ptr()), storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+                key, nbytes = ("id", id(t)), t.numel() * t.element_size()
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            if self.device.type != "cpu" and t.device.type == "cpu":
+                host += nbytes
+            else:
+                dev += nbytes
+        return dev, host
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
-    """(matrix-rule, fallback, other) bytes of tensors in ``optimizer.state``, by the owning group's rule."""
-    rule_of = {}
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            rule_of[id(p)] = g.get("rule", "other")
-    out = {"matrix": 0, "fallback": 0, "other": 0}
-    for p, st in optimizer.state.items():
-        rule = rule_of.get(id(p), "other")
-        out[rule if rule in out else "other"] += sum(_nbytes(v) for v in st.values())
-    return out["matrix"], out["fallback"], out["other"]
+def _ds_kind(wrapper) -> str | None:
+    """'zero1/2', 'zero3', 'bf16' for DeepSpeed's ZeRO wrappers (by duck typing: no import)."""
+    if wrapper is None:
+        return None
+    if hasattr(wrapper, "fp32_partitioned_groups_flat") and hasattr(wrapper, "sub_group_to_group_id"):
+        return "zero3"
+    if hasattr(wrapper, "single_partition_of_fp32_groups"):
+        return "zero1/2"
+    if hasattr(wrapper, "fp32_groups_flat_partition"):
+        return "bf16"
+    return None
+
+
+@dataclass
+class _Unit:
+    tensor: torch.Tensor  # what the base optimizer steps (a parameter, DTensor, or ZeRO flat)
+    group: dict
+    weights: int  # model weights it holds pieces of
+
+
+def _units(inner: torch.optim.Optimizer, wrapper, kind: str | None) -> list[_Unit]:
+    groups = inner.param_groups
+    if kind == "zero1/2":
+        rr = getattr(wrapper, "round_robin_bit16_groups", None) or getattr(wrapper, "bit16_groups")
+        return [_Unit(t, groups[i], len(rr[i])) for i, t in enumerate(wrapper.single_partition_of_fp32_groups)]
+    if kind == "bf16":
+        return [_Unit(t, groups[i], len(wrapper.bf16_groups[i])) for i, t in enumerate(wrapper.fp32_groups_flat_partition)]
+    if kind == "zero3":
+        return [_Unit(t, groups[wrapper.sub_group_to_group_id[s]], len(wrapper.fp16_groups[s]))
+                for s, t in enumerate(wrapper.fp32_partitioned_groups_flat)]
+    return [_Unit(p, g, 1) for g in groups for p in g["params"]]
+
+
+def _optimizer_kind(opt) -> str | None:
+    name = type(opt).__name__
+    if name in ("AdamW", "Adam", "FusedAdam", "DeepSpeedCPUAdam"):
+        return "adamw"
+    if name == "SGD":
+        return "sgd_momentum" if any(g.get("momentum", 0) for g in opt.param_groups) else "sgd"
+    if name in ("SWAN", "SinkGD"):
+        return "matrix_rule"
+    if name == "SGDSaI":
+        return "sgdsai"
+    return None
+
+
+def _predict_state(kind: str | None, units: list[_Unit], device: torch.device) -> tuple[int, int] | None:
+    """(device, host) bytes of ``kind``'s state for these units, after its first step."""
+    if kind is None:
+        return None
+    dev = host = 0
+
+    def put(nbytes: int, on: torch.device):
+        nonlocal dev, host
+        if device.type != "cpu" and on.type == "cpu":
+            host += nbytes
+        else:
+            dev += nbytes
+
+    cpu = torch.device("cpu")
+    for u in units:
+        t = _local(u.tensor)
+        n, d, g = t.numel(), t.element_size(), u.group
+        if kind == "adamw":
+            put(2 * d * n, t.device)
+            put(4, t.device if (g.get("fused") or g.get("capturable")) else cpu)
+        elif kind == "sgd_momentum" and g.get("momentum", 0):
+            put(d * n, t.device)
+        elif kind == "matrix_rule" and g.get("rule") == "fallback" and g.get("fallback", "adamw") == "adamw":
+            put(8 * n, t.device)
+            put(4, cpu)
+        elif kind == "sgdsai":
+            put(d * n, t.device)
+            put(4 * u.weights, cpu)
+    return dev, host
 
 
 def _shard_size(p: torch.Tensor) -> int:
-    mesh, placements = getattr(p, "device_mesh", None), getattr(p, "placements", ())
-    if mesh is None:
+    mesh, placements = getattr(p, "device_mesh", None), getattr(p, "placements", None)
+    if mesh is None or placements is None:
         return 1
     return math.prod(mesh.size(i) for i, pl in enumerate(placements) if pl.is_shard())
 
 
-def _measure_process(rec: RankMemory, device: torch.device) -> None:
+def _true_numel(p: torch.Tensor) -> int:
+    ds_numel = getattr(p, "ds_numel", None)
+    return int(ds_numel) if ds_numel is not None else p.numel()
+
+
+def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        rec.peak_allocated = torch.cuda.max_memory_allocated(device)
-        rec.peak_reserved = torch.cuda.max_memory_reserved(device)
-        rec.device = torch.cuda.get_device_name(device)
-    rec.rss = psutil.Process().memory_info().rss
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def measure_peak(device: torch.device) -> dict[str, int]:
+    """Peak allocated / reserved bytes on a CUDA device (0 elsewhere), current and peak RSS."""
+    out = {"peak_allocated": 0, "peak_reserved": 0}
+    if device.type == "cuda":
+        out["peak_allocated"] = torch.cuda.max_memory_allocated(device)
+        out["peak_reserved"] = torch.cuda.max_memory_reserved(device)
+    out["rss"] = psutil.Process().memory_info().rss
     # ru_maxrss is KiB on Linux, bytes on macOS.
-    rec.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return out
 
 
-def _predict_state(optimizer, numel_by_rule: dict[str, int], shard: int, param_bytes: int, tensors: int) -> tuple[int, int]:
-    """(our predicted state bytes, AdamW's) per rank from the formula in the module docstring."""
-    total = sum(numel_by_rule.values())
-    moment = 4 if param_bytes <= 4 else param_bytes
-    adamw = int(2 * moment * total / shard)
-    name = type(optimizer).__name__
-    if name in ("SWAN", "SinkGD"):
-        fb = optimizer.param_groups[0].get("fallback", "adamw") if optimizer.param_groups else "adamw"
-        ours = int(2 * moment * numel_by_rule.get("fallback", 0) / shard) if fb == "adamw" else 0
-    elif name == "SGDSaI":
-        ours = int(moment * total / shard) + 4 * tensors
-    elif name == "AdamW" or name == "Adam":
-        ours = adamw
-    else:
-        ours = 0
-    return ours, adamw
-
-
+# ------------------------------------------------------------------------------------- report
 def memory_report(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: Any,
+    optimizer: Any = None,
     *,
     backend: str = "auto",
-    world: int | None = None,
-    shard_world: int | None = None,
-    master_bytes: int = 0,
+    label: str = "",
     print_table: bool = True,
-    json_path: str | None = None,
+    json_path: str | os.PathLike | None = None,
+    group: Any = None,
 ) -> dict[str, Any]:
-    """Measure this rank, gather every rank to rank 0, print a table there, return
-    ``{"ranks": [...], "summary": {...}}`` (on every rank) and write JSON if ``json_path``.
+    """Measure this rank's memory, gather every rank's record, print a table on rank 0, return
+    ``{"ranks": [...], "summary": {...}, "formula": ...}`` on every rank, write it as JSON (rank 0)
+    if ``json_path``. Every rank of ``group`` (default: the whole world) must call it.
 
-    ``shard_world`` is the number of ranks the optimizer state is sharded over (1 for single/DDP; the
-    FSDP2 shard size; the ZeRO data-parallel size) — detected from DTensor params if not given.
-    ``master_bytes``: fp32 master weights this rank holds outside the model (ZeRO's partitions).
+    ``model``: the module (plain, DDP, FSDP2-sharded) or a DeepSpeed engine (then ``optimizer``
+    defaults to ``engine.optimizer``). ``optimizer``: ours, any torch optimizer, or DeepSpeed's ZeRO
+    wrapper (its ``.optimizer`` is the base optimizer). ``backend``: "auto" (detected: ZeRO wrapper ->
+    zero1/zero2/zero3/zero1-bf16, DTensor parameters -> fsdp2, more than one rank -> ddp, else single)
+    or one of ``BACKENDS``. Call it after a step (state exists), before ``zero_grad``
+    if the gradients should be measured rather than taken from the formula.
     """
+    engine = None
+    if hasattr(model, "zero_optimization_stage") and hasattr(model, "module"):
+        engine, model = model, model.module
+        optimizer = optimizer if optimizer is not None else engine.optimizer
+    if optimizer is None:
+        raise ValueError("memory_report needs the optimizer (or a DeepSpeed engine)")
+    wrapper = optimizer if _ds_kind(optimizer) else None
+    inner = optimizer.optimizer if wrapper is not None else optimizer
+    kind = _ds_kind(wrapper)
+
     initialized = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if initialized else 0
-    world = world or (dist.get_world_size() if initialized else 1)
-    params = [p for p in model.parameters()]
-    device = next((p.device for p in params), torch.device("cpu"))
-    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the client optimizer
-    if shard_world is None:  # FSDP2: the largest shard-dim size of any DTensor parameter
-        shard_world = max((_shard_size(p) for p in params), default=1)
-    if backend == "auto":
-        backend = "fsdp2" if shard_world > 1 and any(hasattr(p, "device_mesh") for p in params) else (
-            "ddp" if world > 1 else "single")
-    rec = RankMemory(rank=rank, backend=backend, world=world, optimizer=type(inner).__name__)
-    rec.params = sum(_nbytes(p) for p in params)
-    rec.grads = sum(_nbytes(p.grad) for p in params)
-    rec.master = master_bytes
-    rec.state_matrix, rec.state_fallback, rec.state_other = _state_bytes(inner)
-    rec.numel = sum(p.numel() for p in params)
-    _measure_process(rec, device)
-    numel_by_rule: dict[str, int] = {}
-    shapes_by_rule = getattr(inner, "rule_counts", None)
-    if callable(shapes_by_rule):
-        for rule, c in shapes_by_rule().items():
-            numel_by_rule[rule] = c["params"]
-        tensors = sum(c["tensors"] for c in shapes_by_rule().values())
+    rank = dist.get_rank(group) if initialized else 0
+    world = dist.get_world_size(group) if initialized else 1
+    params = list(dict.fromkeys(model.parameters()))  # tied weights once
+    device = next((p.device for p in params if p.device.type != "meta"), torch.device("cpu"))
+
+    # backend, stage, shard size
+    stage: int | None = None
+    if kind is not None:
+        if kind == "zero3":
+            stage, name = 3, "zero3"
+        elif kind == "bf16":
+            stage, name = 1, "zero1-bf16"
+        else:
+            stage = 2 if getattr(wrapper, "partition_gradients", False) else 1
+            name = f"zero{stage}"
+        pg = getattr(wrapper, "dp_process_group", None)
+        rpg = getattr(wrapper, "real_dp_process_group", None)
+        if rpg:
+            pg = rpg[0]
+        shard = dist.get_world_size(pg) if initialized else 1
+    elif any(_shard_size(p) > 1 for p in params) or any(hasattr(p, "device_mesh") for p in params):
+        name, shard = "fsdp2", max((_shard_size(p) for p in params), default=1)
+    elif engine is not None:
+        name, shard, stage = "zero0", 1, 0
     else:
-        numel_by_rule = {"all": rec.numel}
-        tensors = len(params)
-    param_bytes = max((_local(p).element_size() for p in params), default=4)
-    if master_bytes:
-        param_bytes = 4
-    rec.predicted_state, rec.adamw_state = _predict_state(inner, numel_by_rule, shard_world, param_bytes, tensors)
+        name, shard = ("ddp" if world > 1 else "single"), 1
+    if backend != "auto":
+        if backend not in _LAYOUT:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        name = backend
+
+    counter = _Counter(device)
+    rec = RankMemory(rank=rank, world=world, backend=name, stage=stage, shard=shard, optimizer=type(inner).__name__,
+                     device=_device_name(device), label=label)
+    trainable = [p for p in params if p.requires_grad]
+    rec.numel = sum(_true_numel(p) for p in trainable)
+    rec.tensors = len(trainable)
+    rec.param_dtype = str(params[0].dtype).replace("torch.", "") if params else ""
+
+    # params
+    ptensors: list[Any] = [p for p in params]
+    if kind == "zero3":
+        ptensors += [getattr(p, "ds_tensor", None) for p in params]
+    dev, host = counter.add(ptensors)
+    rec.params, rec.host = dev, rec.host + host
+    # fp32 master (a master sharing the params' storage was counted above)
+    masters: list[Any] = []
+    if kind == "zero1/2":
+        masters = list(wrapper.single_partition_of_fp32_groups)
+    elif kind == "zero3":
+        masters = list(wrapper.fp32_partitioned_groups_flat)
+    elif kind == "bf16":
+        masters = list(wrapper.fp32_groups_flat_partition)
+    dev, host = counter.add(masters)
+    rec.master, rec.host = dev, rec.host + host
+    # gradients
+    gtensors: list[Any] = [p.grad for p in params] + [getattr(m, "grad", None) for m in masters]
+    if wrapper is not None:
+        gtensors.append(getattr(wrapper, "grads_in_partition", None))
+        gtensors.append(getattr(wrapper, "grad_partitions_flat_buffer", None))
+        gtensors += list(getattr(wrapper, "fp32_groups_gradients_flat", None) or [])
+        for v in (getattr(wrapper, "averaged_gradients", None) or {}).values():
+            if isinstance(v, (list, tuple)):
+                gtensors += list(v)
+            else:
+                gtensors.append(v)
+    dev, host = counter.add(gtensors)
+    rec.grads, rec.host = dev, rec.host + host
+
+    # optimizer state, split by the owning group's rule
+    units = _units(inner, wrapper, kind)
+    rule_of = {id(u.tensor): u.group.get("rule", "other") for u in units}
+    for g in inner.param_groups:  # ZeRO-3 outside step(): groups are empty, units come from the wrapper
+        for p in g["params"]:
+            rule_of.setdefault(id(p), g.get("rule", "other"))
+    split = {"matrix": 0, "fallback": 0, "other": 0}
+    for key, st in inner.state.items():
+        rule = rule_of.get(id(key), "other")
+        dev, host = counter.add(st.values() if isinstance(st, dict) else [st])
+        split[rule if rule in split else "other"] += dev
+        rec.state_host += host
+    rec.state_matrix, rec.state_fallback, rec.state_other = split["matrix"], split["fallback"], split["other"]
+    rec.host += rec.state_host
+    rec.local_numel = sum(_local(u.tensor).numel() for u in units)
+
+    # predictions from this rank's layout
+    ours = _predict_state(_optimizer_kind(inner), units, device)
+    if ours is not None:
+        rec.state_pred, rec.state_pred_host = ours
+    rec.adamw_state, rec.adamw_state_host = _predict_state("adamw", units, device)
+
+    # the formula (numel / N, no padding), for the JSON and for the gradients at the peak
+    big = max(trainable or params, key=_true_numel, default=None)
+    pbytes = big.element_size() if big is not None else 4
+    dtype_bytes = 4 if kind is not None else pbytes  # what AdamW's moments are typed like
+    okind = _optimizer_kind(inner)
+    counts = inner.rule_counts() if callable(getattr(inner, "rule_counts", None)) else {}
+    fb_frac = counts.get("fallback", {}).get("params", 0) / rec.numel if rec.numel else 0.0
+    fallback = next((g.get("fallback", "adamw") for g in inner.param_groups if g.get("rule") == "fallback"), "adamw")
+    n_state = shard if _LAYOUT[name][3] else 1
+    formula = predict(rec.numel, backend=name, world=shard, param_bytes=pbytes, state_bytes=0.0)
+    formula.pop("state")
+    formula["state_adamw"] = rec.numel * 2.0 * dtype_bytes / n_state + 4 * len(units)
+    if okind is not None:
+        fname = type(inner).__name__.lower() if okind == "matrix_rule" else okind
+        formula["state_ours"] = rec.numel * state_bytes_per_param(
+            fname, dtype_bytes=dtype_bytes, fallback_fraction=fb_frac, fallback=fallback) / n_state
+        if okind == "sgdsai":
+            formula["state_ours"] += 4 * sum(u.weights for u in units)
+        elif okind == "matrix_rule" and fallback == "adamw":
+            formula["state_ours"] += 4 * sum(1 for u in units if u.group.get("rule") == "fallback")
+    rec.formula = formula
+    offloaded = bool(getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "offload_optimizer", False))
+    rec.grads_formula = 0 if (offloaded and _LAYOUT[name][1]) else int(formula["grads"])
+    rec.__dict__.update(measure_peak(device))
+
     rows = [rec.as_dict()]
     if initialized and world > 1:
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, rows[0])
+        dist.all_gather_object(gathered, rows[0], group=group)
         rows = gathered
-    summary = {
-        "max_peak_gib": max(r["peak"] for r in rows) / GiB,
-        "max_adamw_peak_gib": max(r["adamw_peak"] for r in rows) / GiB,
-        "saving_gib": (max(r["adamw_peak"] for r in rows) - max(r["peak"] for r in rows)) / GiB,
-    }
-    report = {"ranks": rows, "summary": summary}
+    report = {"ranks": rows, "summary": summarize(rows), "formula": FORMULA_MARKDOWN}
     if rank == 0:
         if print_table:
-            print(format_table(rows))
+            print(format_table(rows), flush=True)
         if json_path:
-            with open(json_path, "w") as f:
+            path = os.fspath(json_path)
+            if os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
                 json.dump(report, f, indent=2)
     return report
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["rank", "params", "grads", "master", "state_matrix", "state_fallback", "state_other",
-            "predicted_state", "rest", "peak", "adamw_state", "adamw_peak", "saving_pct"]
-    head = f"memory per rank (GiB) — {rows[0]['optimizer']} on {rows[0]['backend']} x{rows[0]['world']}, device {rows[0]['device']}"
-    lines = [head, " ".join(f"{c:>15}" for c in cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r[c]
-            cells.append(f"{v:>15}" if c == "rank" else f"{v:>14.2f}%" if c == "saving_pct" else f"{v / GiB:>15.4f}")
-        lines.append(" ".join(cells))
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rank with the largest peak decides: its peak, AdamW's predicted peak, the saving."""
+    top = max(rows, key=lambda r: r["peak"])
+    return {
+        "backend": top["backend"], "stage": top["stage"], "world": top["world"], "shard": top["shard"],
+        "optimizer": top["optimizer"], "device": top["device"], "label": top["label"],
+        "max_peak_gib": top["peak"] / GiB,
+        "max_adamw_peak_gib": max(r["adamw_peak"] for r in rows) / GiB,
+        "saving_gib": (max(r["adamw_peak"] for r in rows) - top["peak"]) / GiB,
+        "saving_pct": top["saving_pct"],
+        "state_gib_all_ranks": sum(r["state"] + r["state_host"] for r in rows) / GiB,
+        "adamw_state_gib_all_ranks": sum(r["adamw_state"] + r["adamw_state_host"] for r in rows) / GiB,
+    }
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def human(n: float | None) -> str:
+    """Bytes as B / KiB / MiB / GiB, whichever reads best."""
+    if n is None:
+        return "-"
+    a = abs(n)
+    if a >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if a >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    if a >= KiB:
+        return f"{n / KiB:.1f} KiB"
+    return f"{int(n)} B"
+
+
+_ROWS = [
+    ("params", "params"), ("grads", "grads"), ("master", "fp32 master"),
+    ("state_matrix", "state: matrix rule"), ("state_fallback", "state: fallback"), ("state_other", "state: other"),
+    ("state_pred", "state: predicted"), ("host", "on host (not in peak)"), ("rest", "rest (activations...)"),
+    ("peak", "PEAK"), ("adamw_state", "AdamW state (pred.)"), ("adamw_peak", "AdamW peak (pred.)"),
+    ("saving_bytes", "saving vs AdamW"), ("saving_pct", "saving %"),
+]
+
+
+def format_table(rows: list[dict[str, Any]], ranks_per_block: int = 8) -> str:
+    """One column per rank (blocks of ``ranks_per_block``), one row per component."""
+    r0 = rows[0]
+    stage = f" stage {r0['stage']}" if r0["stage"] is not None else ""
+    peak_kind = "peak allocated" if r0["device"] != "cpu" else "peak RSS"
+    lines = [
+        f"memory per rank: {r0['optimizer']} on {r0['backend']}{stage}, world {r0['world']}, shard {r0['shard']}, "
+        f"{_count(r0['numel'])} {r0['param_dtype']} parameters, {r0['device']} ({peak_kind})"
+        + (f" [{r0['label']}]" if r0["label"] else "")
+    ]
+    extra = [("peak_reserved", "peak reserved")] if r0["device"] != "cpu" else [("rss", "current RSS")]
+    width = 11
+    for b in range(0, len(rows), ranks_per_block):
+        block = rows[b : b + ranks_per_block]
+        lines.append(f"{'':<22}" + "".join(f"rank {r['rank']}".rjust(width) for r in block))
+        for key, head in _ROWS + extra:
+            cells = []
+            for r in block:
+                v = r[key]
+                cells.append(f"{v:.1f}%" if key == "saving_pct" else human(v))
+            lines.append(f"{head:<22}" + "".join(c.rjust(width) for c in cells))
+    lines.append("state: predicted = our optimizer's state from this rank's layout (formula); AdamW = torch AdamW on the "
+                 "same layout; AdamW peak = peak - state + AdamW state")
     return "\n".join(lines)
