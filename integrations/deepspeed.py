@@ -1,0 +1,580 @@
+"""DeepSpeed integration: JSON ``"type"`` registration and ZeRO-1/2/3 layouts.
+
+``import stateless_opt.integrations.deepspeed`` (or ``register()``, idempotent) makes
+``deepspeed.initialize`` accept ``"optimizer": {"type": "SWAN" | "SinkGD" | "SGDSaI", "params": {...}}``
+(any case; ``"params"`` validated by the same pydantic models as the constructors, so a bad key or
+type names the field), and attaches a *layout provider* to our optimizer whenever an engine is built
+with one of ours, through any door (JSON type, ``optimizer=`` instance, ``optimizer=`` callable).
+
+The layout turns what ZeRO hands the base optimizer (one flat fp32 tensor per param group, or per
+ZeRO-3 sub-group) into ``WeightShard``s of every weight of that flat tensor, with every DP rank's
+range, over DeepSpeed's data-parallel process group:
+
+* ZeRO-1/2 (``DeepSpeedZeroOptimizer``): the group's flat buffer is laid out in
+  ``round_robin_bit16_groups`` order at ``round_robin_bit16_offsets`` and cut into equal partitions
+  of ``partition_size``; rank r owns ``[r*ps, (r+1)*ps)``. (``_hp_mapping`` is NOT used: it is wrong
+  with ``round_robin_gradients`` and no ``parameter_alignment`` in DeepSpeed 0.19.)
+* ``BF16_Optimizer`` (bf16 + fp32 grad accumulation + stage 1): the same cut of a contiguous flat
+  (``bf16_groups``). Every rank holds the full averaged gradients, but only its own fp32 master
+  partition, so the partitioned layout is the correct one (the partition's ``.grad`` is a view into the
+  full buffer).
+* ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): a sub-group's flat tensor is the concatenation of each
+  weight's ``partition_numel()`` slice; rank r holds ``[r*pn, (r+1)*pn)`` of the flattened weight. The
+  tail past ``ds_numel`` is padding that holds uninitialised memory: it is excluded from the shards
+  and zeroed (weight and gradient) before every step.
+
+The matrix/fallback rule of each group is known from our param groups (JSON door: classified from the
+engine's module and true shapes, ``ds_shape`` under ``zero.Init``), and each group's ``_shapes`` is set
+from DeepSpeed's view so ``rule_counts()`` works after ZeRO replaced the parameters.
+
+DeepSpeed versions: the patch and the layouts read DeepSpeed internals, so they are version-checked:
+``SUPPORTED`` is the accepted range, ``VERIFIED`` the versions the test-suite ran on. Outside the range
+``register()`` refuses (``STATELESS_OPT_DEEPSPEED_UNVERIFIED=1`` downgrades that to a warning); every
+internal attribute the layouts read is checked when the engine is built, with an error naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from stateless_opt.base import StatelessOptimizer, true_shape
+from stateless_opt.config import validate
+from stateless_opt.fragments import WeightShard
+from stateless_opt.grouping import fallback_weights
+from stateless_opt.sgd_sai import SGDSaI
+from stateless_opt.sinkgd import SinkGD
+from stateless_opt.swan import SWAN
+
+log = logging.getLogger("stateless_opt.deepspeed")
+
+# Accepted DeepSpeed versions: [min, max). VERIFIED: the versions tests/test_deepspeed.py passed on.
+# 0.17.6 and 0.18.9 have the internals read here (without per-parameter alignment, handled below) but
+# could not be run: on torch 2.13 their own ZeRO-1/2 all-gather fails before any optimizer is involved.
+SUPPORTED = ("0.19.0", "0.20.0")
+VERIFIED = ("0.19.8",)
+UNVERIFIED_ENV = "STATELESS_OPT_DEEPSPEED_UNVERIFIED"
+
+# JSON "type" (lower-cased) -> class. Aliases accept the spellings people write.
+OPTIMIZERS: dict[str, type[StatelessOptimizer]] = {
+    "swan": SWAN,
+    "sinkgd": SinkGD,
+    "sgdsai": SGDSaI,
+    "sgd_sai": SGDSaI,
+    "sgd-sai": SGDSaI,
+}
+
+_MARK = "_stateless_opt_originals"  # attribute on DeepSpeedEngine holding the unpatched methods
+PREFIX = "stateless_opt + DeepSpeed: "
+
+
+# ----------------------------------------------------------------------------------- registration
+def _version_tuple(v: str) -> tuple[int, ...]:
+    from packaging.version import Version
+
+    return Version(v).release
+
+
+def check_version(version: str | None = None) -> str:
+    """The installed DeepSpeed version if it is in ``SUPPORTED``; else raise (or warn with
+    ``STATELESS_OPT_DEEPSPEED_UNVERIFIED=1``)."""
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    lo, hi = SUPPORTED
+    base = version.split("+")[0]
+    try:
+        ok = _version_tuple(lo) <= _version_tuple(base) < _version_tuple(hi)
+    except Exception:  # unparsable version string
+        ok = False
+    if not ok:
+        msg = (
+            f"{PREFIX}DeepSpeed {version} is outside the supported range >={lo},<{hi} (verified: "
+            f"{', '.join(VERIFIED)}). The integration patches DeepSpeed internals (optimizer registration, "
+            f"ZeRO partition layouts) that change between releases; install a supported DeepSpeed, or set "
+            f"{UNVERIFIED_ENV}=1 to try anyway (every internal it reads is still checked when an engine is built)."
+        )
+        if os.environ.get(UNVERIFIED_ENV, "") not in ("", "0"):
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        else:
+            raise RuntimeError(msg)
+    return version
+
+
+def lookup(name: Any) -> type[StatelessOptimizer] | None:
+    """Our class for a DeepSpeed ``optimizer.type`` (case-insensitive), else None."""
+    return OPTIMIZERS.get(name.lower()) if isinstance(name, str) else None
+
+
+def register() -> None:
+    """Patch ``DeepSpeedEngine`` (three methods, idempotent; ``unregister()`` restores them):
+
+    * ``_is_supported_optimizer``: our names pass DeepSpeed's sanity check, any case;
+    * ``_configure_basic_optimizer``: builds ours from the JSON ``params`` (validated, fields named);
+    * ``_configure_optimizer``: refuses configurations our layouts do not cover, and attaches the
+      layout provider to our optimizer once DeepSpeed has built its ZeRO wrapper (all doors).
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine as E
+
+    if getattr(E, _MARK, None) is not None:
+        return
+    check_version()
+    originals = {
+        "_is_supported_optimizer": E._is_supported_optimizer,
+        "_configure_basic_optimizer": E._configure_basic_optimizer,
+        "_configure_optimizer": E._configure_optimizer,
+    }
+    orig_supported = originals["_is_supported_optimizer"]
+    orig_basic = originals["_configure_basic_optimizer"]
+    orig_configure = originals["_configure_optimizer"]
+
+    def _is_supported_optimizer(self, optimizer_name):
+        return lookup(optimizer_name) is not None or orig_supported(self, optimizer_name)
+
+    def _configure_basic_optimizer(self, model_parameters):
+        cls = lookup(self.optimizer_name())
+        if cls is None:
+            return orig_basic(self, model_parameters)
+        return build_from_json(self, cls, model_parameters)
+
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        if client_optimizer is None:
+            cls = lookup(self.optimizer_name())
+            if cls is not None:
+                check_engine(self, cls, client=False)
+        elif isinstance(client_optimizer, StatelessOptimizer):
+            check_engine(self, type(client_optimizer), client=True)
+        elif not isinstance(client_optimizer, torch.optim.Optimizer) and callable(client_optimizer):
+            factory = client_optimizer
+
+            def client_optimizer(params, _factory=factory, _engine=self):
+                opt = _factory(params)
+                if isinstance(opt, StatelessOptimizer):
+                    check_engine(_engine, type(opt), client=True)
+                return opt
+
+        orig_configure(self, client_optimizer, model_parameters)
+        if isinstance(getattr(self, "basic_optimizer", None), StatelessOptimizer):
+            attach(self)
+
+    _is_supported_optimizer.__wrapped__ = orig_supported
+    _configure_basic_optimizer.__wrapped__ = orig_basic
+    _configure_optimizer.__wrapped__ = orig_configure
+    E._is_supported_optimizer = _is_supported_optimizer
+    E._configure_basic_optimizer = _configure_basic_optimizer
+    E._configure_optimizer = _configure_optimizer
+    setattr(E, _MARK, originals)
+    log.debug("registered SWAN/SinkGD/SGDSaI with DeepSpeedEngine")
+
+
+def unregister() -> None:
+    """Undo ``register()`` (for tests)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine as E
+
+    originals = getattr(E, _MARK, None)
+    if originals is None:
+        return
+    for name, fn in originals.items():
+        setattr(E, name, fn)
+    delattr(E, _MARK)
+
+
+def is_registered() -> bool:
+    from deepspeed.runtime.engine import DeepSpeedEngine as E
+
+    return getattr(E, _MARK, None) is not None
+
+
+# ----------------------------------------------------------------------------------- JSON door
+def json_params(cls: type[StatelessOptimizer], params: dict | None, type_name: str = "") -> dict:
+    """Validate a DeepSpeed ``optimizer.params`` block with the optimizer's pydantic model; the error
+    names each offending field (and says when an ``"auto"`` value was left for the HF Trainer)."""
+    params = dict(params or {})
+    where = f'DeepSpeed config "optimizer" (type {type_name or cls.__name__!r}) "params"'
+    autos = [k for k, v in params.items() if v == "auto"]
+    try:
+        validate(cls.config_cls, params, where)
+    except ValueError as err:
+        hint = ""
+        if autos:
+            hint = (
+                f' -- {", ".join(autos)} still "auto": the HF Trainer fills these, otherwise fill them yourself '
+                "(stateless_opt.integrations.deepspeed.fill_auto)"
+            )
+        raise ValueError(f"{err}{hint}") from None
+    return params
+
+
+def json_groups(module: torch.nn.Module, model_parameters, *, uses_rules: bool = True) -> list[dict]:
+    """Param groups for an optimizer built from the JSON door: ``model_parameters`` (tensors or groups;
+    default: the module's trainable parameters), each group without a ``rule`` split into matrix /
+    fallback by the module (embeddings and the output head -> fallback) and true shapes (``ds_shape``
+    under ZeRO-3 ``zero.Init``), with parameter names."""
+    if model_parameters is None:
+        model_parameters = [p for p in module.parameters() if p.requires_grad]
+    items = list(model_parameters)
+    if not items:
+        raise ValueError(f"{PREFIX}no parameters to optimize")
+    groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
+    names = {id(p): n for n, p in module.named_parameters()}
+    special = fallback_weights(module)
+    out = []
+    for g in groups:
+        params = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+        given_names = g.get("names")
+        g_names = list(given_names) if given_names else [names.get(id(p), f"param{j}") for j, p in enumerate(params)]
+        if not uses_rules or "rule" in g:
+            out.append({**g, "params": params, "names": g_names})
+            continue
+        batch_dims = g.get("batch_dims", 0)
+        parts: dict[str, dict] = {}
+        for p, n in zip(params, g_names):
+            matrix = id(p) not in special and len(true_shape(p)) >= 2 + batch_dims
+            rule = "matrix" if matrix else "fallback"
+            part = parts.setdefault(rule, {**g, "params": [], "names": [], "rule": rule})
+            part["params"].append(p)
+            part["names"].append(n)
+        if "fallback" in parts:
+            parts["fallback"].pop("batch_dims", None)
+        out.extend(parts[r] for r in ("matrix", "fallback") if r in parts)
+    return out
+
+
+def build_from_json(engine, cls: type[StatelessOptimizer], model_parameters) -> StatelessOptimizer:
+    params = json_params(cls, engine.optimizer_params(), engine.optimizer_name())
+    groups = json_groups(engine.module, model_parameters, uses_rules=cls.uses_rules)
+    return cls(groups, **params)
+
+
+def fill_auto(config: dict, values: dict[str, Any]) -> dict:
+    """A copy of ``config`` with every ``"auto"`` replaced: ``values`` maps dotted paths
+    (``"optimizer.params.lr"``, ``"train_micro_batch_size_per_gpu"``, ``"bf16.enabled"``) to values.
+    Raises if an ``"auto"`` is left unfilled (plain DeepSpeed does not understand it)."""
+    import copy
+
+    out = copy.deepcopy(config)
+    left: list[str] = []
+
+    def walk(node, path):
+        for k, v in list(node.items()):
+            p = f"{path}.{k}" if path else k
+            if isinstance(v, dict):
+                walk(v, p)
+            elif v == "auto":
+                if p in values:
+                    node[k] = values[p]
+                else:
+                    left.append(p)
+
+    walk(out, "")
+    if left:
+        raise ValueError(f'"auto" values left unfilled: {", ".join(left)}')
+    return out
+
+
+# ----------------------------------------------------------------------------------- checks
+def check_engine(engine, cls: type, *, client: bool) -> None:
+    """Refuse DeepSpeed configurations whose layouts we do not cover, with a message saying what to do."""
+    name = cls.__name__
+    stage = engine.zero_optimization_stage() if engine.zero_optimization() else 0
+    zcfg = engine._config.zero_config
+    hpz = getattr(engine, "zero_hpz_partition_size", lambda: 1)()
+    if hpz and hpz > 1:
+        raise ValueError(
+            f"{PREFIX}ZeRO++ hierarchical partitioning (zero_hpz_partition_size={hpz}) is not supported with {name}: "
+            "its secondary partitions change which rank holds which slice; remove zero_hpz_partition_size"
+        )
+    mics = getattr(zcfg, "mics_shard_size", -1)
+    if isinstance(mics, int) and mics > 0:
+        raise ValueError(
+            f"{PREFIX}MiCS (mics_shard_size={mics}) is not supported with {name}: its shard groups differ from the "
+            "data-parallel group the layouts use; remove mics_shard_size"
+        )
+    if bool(getattr(engine, "zenflow", False)):
+        raise ValueError(f"{PREFIX}ZenFlow is not supported with {name}; remove zero_optimization.zenflow")
+    if stage == 3 and getattr(engine, "super_offload", lambda: False)():
+        raise ValueError(f"{PREFIX}SuperOffload is not supported with {name}; remove offload_optimizer.super_offload")
+    if engine.zero_use_cpu_optimizer():
+        device = str(getattr(zcfg.offload_optimizer, "device", ""))
+        if "nvme" in device:
+            raise ValueError(
+                f"{PREFIX}offload_optimizer to NVMe is not supported with {name} (optimizer-state swapping assumes "
+                "flat-shaped states); use offload_optimizer.device='cpu'"
+            )
+        ratio = getattr(zcfg.offload_optimizer, "ratio", 1.0)
+        if ratio is not None and ratio < 1.0:
+            raise ValueError(f"{PREFIX}offload_optimizer.ratio < 1 needs DeepSpeedCPUAdam; use ratio 1.0 with {name}")
+        if client and engine.zero_force_ds_cpu_optimizer():
+            raise ValueError(
+                f'{PREFIX}offload_optimizer with {name} passed as optimizer=: set "zero_force_ds_cpu_optimizer": false '
+                "in the DeepSpeed config (DeepSpeed otherwise insists on DeepSpeedCPUAdam; "
+                f"{name} runs on the offloaded CPU partition as it is)"
+            )
+    if stage in (1, 2) and getattr(zcfg, "elastic_checkpoint", False) and cls is SGDSaI:
+        raise ValueError(
+            f"{PREFIX}zero_optimization.elastic_checkpoint trims every state tensor as if it were flat-shaped, "
+            "which would corrupt SGDSaI's per-weight scales; set elastic_checkpoint to false"
+        )
+
+
+# ----------------------------------------------------------------------------------- layouts
+@dataclass
+class _Weight:
+    param: torch.Tensor  # the model's (low-precision) parameter
+    key: tuple  # (DeepSpeed group index, weight index in that group): equal on every rank
+    shape: tuple[int, ...]
+    ranges: list[tuple[int, int]]  # per rank, flat range of the weight; (0, 0) if the rank holds none
+    local: int  # where this rank's piece starts in its flat tensor
+    pad: tuple[int, int] | None = None  # local padding after the piece (ZeRO-3): masked
+
+
+@dataclass
+class _Unit:
+    tensor: torch.Tensor  # the flat fp32 tensor DeepSpeed hands the base optimizer
+    weights: list[_Weight]
+    group: Any  # DeepSpeed's data-parallel process group for it
+    rank: int
+    world: int
+    group_index: int  # index of the base optimizer's param group
+
+
+def _need(obj, *names):
+    for n in names:
+        if not hasattr(obj, n):
+            raise RuntimeError(
+                f"{PREFIX}{type(obj).__name__} has no attribute {n!r}: this DeepSpeed version lays out ZeRO partitions "
+                f"differently from the verified ones ({', '.join(VERIFIED)}); the layout cannot be built"
+            )
+
+
+def _partitioned(params, shapes, offsets, keys, ps: int, world: int, me: int) -> list[_Weight]:
+    """Weights at ``offsets`` of a flat buffer cut into ``world`` partitions of ``ps`` elements."""
+    out = []
+    for p, shape, off, key in zip(params, shapes, offsets, keys):
+        n = 1
+        for d in shape:
+            n *= d
+        ranges = []
+        for r in range(world):
+            s, e = max(off, r * ps), min(off + n, (r + 1) * ps)
+            ranges.append((s - off, e - off) if s < e else (0, 0))
+        s, e = ranges[me]
+        local = off + s - me * ps if e > s else 0
+        out.append(_Weight(p, key, tuple(shape), ranges, local))
+    return out
+
+
+def _pg_info(pg) -> tuple[int, int]:
+    return dist.get_world_size(pg), dist.get_rank(pg)
+
+
+class DeepSpeedLayout:
+    """Layout provider for a DeepSpeed ZeRO wrapper (see the module docstring). Resolved at ``step()``
+    time from the flat tensor handed over (looked up by identity), never cached across engines."""
+
+    def __init__(self, wrapper, kind: str):
+        self.wrapper = wrapper
+        self.kind = kind  # "zero1/2", "bf16", "zero3"
+        self._units: dict[int, _Unit] = {}
+        self._build()
+
+    # -- construction from DeepSpeed's own per-rank structures
+    def _build(self) -> None:
+        units = {"zero1/2": self._units_z12, "bf16": self._units_bf16, "zero3": self._units_z3}[self.kind]()
+        self._units = {id(u.tensor): u for u in units}
+
+    def _units_z12(self) -> list[_Unit]:
+        zo = self.wrapper
+        _need(zo, "single_partition_of_fp32_groups", "round_robin_bit16_groups", "round_robin_bit16_indices",
+              "partition_size", "real_dp_process_group")
+        units = []
+        for i, flat in enumerate(zo.single_partition_of_fp32_groups):
+            pg = zo.real_dp_process_group[i]
+            world, me = _pg_info(pg)
+            params = zo.round_robin_bit16_groups[i]
+            metas = getattr(zo, "round_robin_bit16_meta", None)
+            shapes = [tuple(m.shape) for m in metas[i]] if metas else [tuple(p.shape) for p in params]
+            offs = getattr(zo, "round_robin_bit16_offsets", None)
+            if offs:
+                offsets = list(offs[i])
+            else:  # versions without parameter_alignment: packed contiguously
+                offsets, o = [], 0
+                for s in shapes:
+                    offsets.append(o)
+                    o += _numel(s)
+            keys = [(i, j) for j in zo.round_robin_bit16_indices[i]]  # j: index in the original order
+            ps = int(zo.partition_size[i])
+            if flat.numel() != ps:
+                raise RuntimeError(f"{PREFIX}ZeRO group {i}: partition has {flat.numel()} elements, expected {ps}")
+            units.append(_Unit(flat, _partitioned(params, shapes, offsets, keys, ps, world, me), pg, me, world, i))
+        return units
+
+    def _units_bf16(self) -> list[_Unit]:
+        zo = self.wrapper
+        _need(zo, "fp32_groups_flat_partition", "bf16_groups", "bf16_groups_flat", "real_dp_process_group")
+        units = []
+        for i, flat in enumerate(zo.fp32_groups_flat_partition):
+            pg = zo.real_dp_process_group[i]
+            world, me = _pg_info(pg)
+            params = zo.bf16_groups[i]
+            shapes = [tuple(p.shape) for p in params]
+            offsets, o = [], 0
+            for s in shapes:
+                offsets.append(o)
+                o += _numel(s)
+            ps = zo.bf16_groups_flat[i].numel() // world
+            if flat.numel() != ps:
+                raise RuntimeError(f"{PREFIX}BF16 group {i}: partition has {flat.numel()} elements, expected {ps}")
+            keys = [(i, j) for j in range(len(params))]
+            units.append(_Unit(flat, _partitioned(params, shapes, offsets, keys, ps, world, me), pg, me, world, i))
+        return units
+
+    def _units_z3(self) -> list[_Unit]:
+        zo = self.wrapper
+        _need(zo, "fp32_partitioned_groups_flat", "fp16_groups", "sub_group_to_group_id")
+        units = []
+        count: dict[int, int] = {}
+        for s, flat in enumerate(zo.fp32_partitioned_groups_flat):
+            gid = zo.sub_group_to_group_id[s]
+            params = zo.fp16_groups[s]
+            pgs = getattr(zo, "sub_group_process_groups", None)
+            pg = pgs[s] if pgs else getattr(params[0], "ds_process_group", zo.dp_process_group)
+            world, me = _pg_info(pg)
+            weights, off = [], 0
+            for p in params:
+                pn, numel = int(p.partition_numel()), int(p.ds_numel)
+                ranges = [(r * pn, min((r + 1) * pn, numel)) if r * pn < numel else (0, 0) for r in range(world)]
+                s0, e0 = ranges[me]
+                valid = e0 - s0
+                j = count.get(gid, 0)
+                count[gid] = j + 1
+                pad = (off + valid, off + pn) if valid < pn else None
+                weights.append(_Weight(p, (gid, j), tuple(p.ds_shape), ranges, off, pad))
+                off += pn
+            if flat.numel() != off:
+                raise RuntimeError(f"{PREFIX}ZeRO-3 sub-group {s}: flat has {flat.numel()} elements, expected {off}")
+            units.append(_Unit(flat, weights, pg, me, world, gid))
+        return units
+
+    # -- the Layout protocol
+    def unit(self, tensor: torch.Tensor) -> _Unit:
+        u = self._units.get(id(tensor))
+        if u is None or u.tensor is not tensor:
+            self._build()  # DeepSpeed replaced its flat tensors (e.g. after a checkpoint load)
+            u = self._units.get(id(tensor))
+            if u is None or u.tensor is not tensor:
+                raise RuntimeError(
+                    f"{PREFIX}the optimizer is being stepped on a tensor of shape {tuple(tensor.shape)} that is not one "
+                    f"of the {self.kind} flat partitions of the engine this optimizer was attached to"
+                )
+        return u
+
+    def shards(self, tensor: torch.Tensor, group_index: int, position: int) -> list[WeightShard]:
+        u = self.unit(tensor)
+        grad, data = tensor.grad.view(-1), tensor.data.view(-1)
+        out = []
+        for k, w in enumerate(u.weights):
+            if w.pad is not None:  # ZeRO-3 padding: uninitialised memory, never part of any weight
+                grad[w.pad[0] : w.pad[1]].zero_()
+                data[w.pad[0] : w.pad[1]].zero_()
+            s, e = w.ranges[u.rank]
+            out.append(
+                WeightShard(
+                    key=w.key, shape=w.shape, ranges=w.ranges, rank=u.rank,
+                    grad=grad[w.local : w.local + e - s], param=data[w.local : w.local + e - s],
+                    group=u.group, replicated=False, unit_index=k, offset=w.local,
+                )
+            )
+        return out
+
+    # -- introspection (tests, debugging)
+    def params_of(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The model parameters whose pieces ``tensor`` holds, in the order of ``shards()``."""
+        return [w.param for w in self.unit(tensor).weights]
+
+    def units(self) -> list[_Unit]:
+        return list(self._units.values())
+
+    def group_shapes(self) -> dict[int, list[tuple[int, ...]]]:
+        """Base param-group index -> true shapes of its (trainable) weights, as DeepSpeed sees them."""
+        out: dict[int, list] = {}
+        for u in self._units.values():
+            out.setdefault(u.group_index, []).extend(w.shape for w in u.weights)
+        return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def attach(engine) -> DeepSpeedLayout | None:
+    """Attach the layout of ``engine``'s ZeRO wrapper to its base optimizer (ours). Called by the
+    patched ``_configure_optimizer``; safe to call again."""
+    opt = engine.basic_optimizer
+    wrapper = engine.optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    kind = None
+    try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    except ImportError:  # pragma: no cover
+        DeepSpeedZeroOptimizer_Stage3 = ()
+    try:
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    except ImportError:  # pragma: no cover
+        BF16_Optimizer = ()
+    cls_name = type(wrapper).__name__
+    if "MiCS" in cls_name or "ZenFlow" in cls_name or "SuperOffload" in cls_name:
+        raise ValueError(f"{PREFIX}{cls_name} is not supported with {type(opt).__name__}")
+    try:
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    except ImportError:  # pragma: no cover
+        FP16_UnfusedOptimizer = ()
+    if wrapper is opt or isinstance(wrapper, FP16_UnfusedOptimizer):
+        # No ZeRO (fp32, or bf16/fp16 through FP16_UnfusedOptimizer's per-weight fp32 copies): the engine
+        # all-reduces whole gradients (DDP-like), so every rank holds every weight: replicated layout.
+        group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            opt.replicate_group = group
+        opt.layout_provider = None
+        return None
+    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        kind = "zero3"
+    elif isinstance(wrapper, DeepSpeedZeroOptimizer):
+        kind = "zero1/2"
+    elif isinstance(wrapper, BF16_Optimizer):
+        kind = "bf16"
+    else:
+        raise ValueError(
+            f"{PREFIX}DeepSpeed wrapped {type(opt).__name__} in {cls_name}, which has no layout here (supported: "
+            "ZeRO stage 1/2/3, BF16_Optimizer, and no ZeRO with fp32 or FP16_UnfusedOptimizer)"
+        )
+    layout = DeepSpeedLayout(wrapper, kind)
+    for gi, shapes in layout.group_shapes().items():
+        opt.param_groups[gi]["_shapes"] = shapes
+    opt.layout_provider = layout
+    return layout
+
+
+def layout_of(engine_or_optimizer) -> DeepSpeedLayout | None:
+    """The layout attached to an engine's (or an optimizer's) stateless_opt optimizer."""
+    opt = getattr(engine_or_optimizer, "basic_optimizer", engine_or_optimizer)
+    return getattr(opt, "layout_provider", None)
+
+
+register()
+
+__all__ = [
+    "register", "unregister", "is_registered", "check_version", "lookup", "json_params", "json_groups",
+    "fill_auto", "attach", "layout_of", "DeepSpeedLayout", "SUPPORTED", "VERIFIED", "OPTIMIZERS",
+]
