@@ -103,7 +103,10 @@ def init_distributed(cfg: TrainConfig) -> Env:
 
 
 def close_distributed() -> None:
+    # The barrier keeps one rank from tearing down gloo while its peer still has a collective in
+    # flight (seen as "terminate called without an active exception" / SIGABRT at exit).
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
