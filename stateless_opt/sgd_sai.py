@@ -75,9 +75,7 @@ class SGDSaI(StatelessOptimizer):
             pending += [(state, s) for s in shards if torch.isnan(state["gsnr"][s.unit_index])]
         if not pending:
             return set()
-        stats = torch.stack(
-            [torch.stack([s.grad.sum(dtype=torch.float64), s.grad.double().square().sum()]) for _, s in pending]
-        )
+        stats = torch.stack([_sum_and_sumsq(s.grad) for _, s in pending])
         shard0 = pending[0][1]
         if shard0.world > 1 and not shard0.replicated:
             self._comm(shard0).all_reduce_sum_(stats)
@@ -91,3 +89,14 @@ class SGDSaI(StatelessOptimizer):
         """The paper's variant: the max g-SNR over every weight that has one so far."""
         values = [v for st in self.state.values() if "gsnr" in st for v in st["gsnr"].tolist() if v == v]
         return max(values) if values else 1.0
+
+
+def _sum_and_sumsq(g: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """float64 (sum, sum of squares) of a gradient, in chunks: a float64 copy of a whole embedding
+    gradient would add 8 bytes per element to the peak of the first step."""
+    acc = torch.zeros(2, dtype=torch.float64, device=g.device)
+    for piece in g.reshape(-1).split(chunk):
+        d = piece.double()
+        acc[0] += d.sum()
+        acc[1] += d.square().sum()
+    return acc

@@ -62,6 +62,7 @@ def whiten_chunk(
     comm,
     direction: Callable[[torch.Tensor], torch.Tensor],
     apply: Callable[[list[MatrixFragment], list[torch.Tensor]], None],
+    temp_budget_bytes: int = 128 * 2**20,
 ) -> None:
     """One chunk: gather -> ``direction`` (batched by shape, on whole (B, m, n) matrices) -> scatter back
     -> ``apply`` on this rank's fragments. Every rank calls this with the same ``frags``/``owners``."""
@@ -105,17 +106,33 @@ def whiten_chunk(
                 offset += e - s
     del recv
 
-    # 3. Compute directions batched by shape.
+    # 3. Compute directions batched by shape, in sub-batches whose temporaries (stacked copy, centred
+    #    copy, Gram-sized iterates) stay under ``temp_budget_bytes``. This rank's own slices are applied
+    #    at once; only slices other ranks need are kept for the return trip.
     result: dict[int, torch.Tensor] = {}
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in mine:
         by_shape[(frags[i].m, frags[i].n)].append(i)
     for (m, n), idx in by_shape.items():
-        batch = torch.stack([whole.pop(i).reshape(m, n) for i in idx])
-        out = direction(batch)
-        del batch
-        for k, i in enumerate(idx):
-            result[i] = out[k].reshape(-1)
+        per_matrix = 4 * (4 * m * n + 10 * min(m, n) ** 2)
+        step = max(1, temp_budget_bytes // per_matrix)
+        for lo in range(0, len(idx), step):
+            sub = idx[lo : lo + step]
+            batch = torch.stack([whole.pop(i).reshape(m, n) for i in sub])
+            out = direction(batch)
+            del batch
+            done_frags, done_updates = [], []
+            for k, i in enumerate(sub):
+                flat = out[k].reshape(-1)
+                s, e = frags[i].local_range
+                if e > s:
+                    done_frags.append(frags[i])
+                    done_updates.append(flat[s:e])
+                if any(_needs_result(frags[i], dst, me) for dst in range(world)):
+                    result[i] = flat
+            if done_frags:
+                apply(done_frags, done_updates)
+            del out, done_updates
 
     # 4. Send each rank its slice of the results; apply ours.
     back_parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
@@ -135,11 +152,6 @@ def whiten_chunk(
     del back_parts
 
     local_frags, local_updates = [], []
-    for i in mine:
-        s, e = frags[i].local_range
-        if e > s:
-            local_frags.append(frags[i])
-            local_updates.append(result[i][s:e])
     src_offset = [sum(back_recv_splits[:r]) for r in range(world)]
     for i in theirs:
         o = owners[i]
