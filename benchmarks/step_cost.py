@@ -1,9 +1,13 @@
 """Cost of the optimizer step alone (gradients given) on LLaMA-shaped parameter sets.
 
 Times ``optimizer.step()`` with default settings for fused AdamW, ``torch.optim.Muon`` (if this torch
-has it), SWAN, SinkGD and SGD-SaI: CUDA events, warm-up, median of N. Also writes, for the same
-default settings, SWAN's relative error from the exact polar factor (fp64), and a device-vs-CPU
-check of one step of every optimizer on a small set (the GPU path against the CPU reference path).
+has it), SWAN, SinkGD and SGD-SaI: CUDA events, warm-up, median of N; ``--swan-variants`` also times
+SWAN with other settings (e.g. ``"ns_steps=5;whitening=newton_schulz"``). Also writes SWAN's relative
+Frobenius error from the exact polar factor (fp64 SVD, on the range) for its default settings on this
+device, on the benchmark's Gaussian matrices and on real gradients (a small random-init
+``transformers`` LlamaForCausalLM with the preset's widths, forward/backward on random tokens), with
+the old default (Newton-Schulz, 12 fp32 steps) beside it; and a device-vs-CPU check of one step of
+every optimizer on a small set (the GPU path against the CPU reference path).
 
     python benchmarks/step_cost.py --preset 350m --out benchmarks/results/step_cost_<device>.json
 """
@@ -21,6 +25,8 @@ import torch
 
 from stateless_opt import SGDSaI, SinkGD, SWAN
 from stateless_opt.ops import swan_direction
+from stateless_opt.owners import whitening_flops
+from stateless_opt.polar import whitening_plan
 
 # (layers, hidden, intermediate, vocab) following the GaLore/C4 LLaMA family.
 PRESETS = {
@@ -41,24 +47,27 @@ def llama_shapes(preset: str) -> tuple[list[tuple[int, int]], list[tuple[int, ..
     return matrices, fallback
 
 
-def make_params(shapes, device, dtype, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+def make_params(shapes, device, dtype, seed=0, on_device=False):
+    """Random weights and gradients; drawn on the CPU (the same values on every device) unless
+    ``on_device`` (much faster for the 1.3B timing runs, where the values do not matter)."""
+    gen_device = device if on_device else torch.device("cpu")
+    g = torch.Generator(device=gen_device).manual_seed(seed)
     params = []
     for s in shapes:
-        p = torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device, dtype))
-        p.grad = (torch.randn(s, generator=g) * 1e-3).to(device, dtype)
+        p = torch.nn.Parameter((torch.randn(s, generator=g, device=gen_device) * 0.02).to(device, dtype))
+        p.grad = (torch.randn(s, generator=g, device=gen_device) * 1e-3).to(device, dtype)
         params.append(p)
     return params
 
 
-def build(name, matrices, fallback):
+def build(name, matrices, fallback, **swan_kw):
     groups = [{"params": matrices, "rule": "matrix"}, {"params": fallback, "rule": "fallback"}]
     if name == "adamw_fused":
         return torch.optim.AdamW(matrices + fallback, lr=1e-3, fused=True)
     if name == "muon":
         return [torch.optim.Muon(matrices, lr=1e-3), torch.optim.AdamW(fallback, lr=1e-3, fused=True)]
     if name == "swan":
-        return SWAN(groups, lr=1e-3)
+        return SWAN(groups, lr=1e-3, **swan_kw)
     if name == "sinkgd":
         return SinkGD(groups, lr=1e-3)
     if name == "sgdsai":
@@ -91,12 +100,18 @@ def time_step(opt, device, warmup=2, iters=5) -> float:
     return statistics.median(times)
 
 
-def polar_error(shape, device, seed=1) -> float:
-    """Relative Frobenius error of SWAN's default direction vs the exact fp64 polar factor on the range."""
-    g = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    d = swan_direction(g[None].to(device), eps=1e-8, steps=SWAN(
-        [torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1).defaults["ns_steps"])[0].double().cpu()
-    x = g.double()
+def swan_settings(device, **overrides) -> dict:
+    """The keyword arguments of ``swan_direction`` that ``SWAN(**overrides)`` uses on ``device``."""
+    d = SWAN([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, **overrides).defaults
+    steps, dtype = whitening_plan(d["whitening"], d["ns_steps"], d["whitening_dtype"], device)
+    return dict(eps=d["eps"], steps=steps, method=d["whitening"], lower=d["pe_lower_bound"], dtype=dtype,
+                gradnorm_axis=d["gradnorm_axis"])
+
+
+def exact_direction(g: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """SWAN's exact direction in fp64 on the CPU (GradNorm on the oriented matrix, polar factor on the
+    range: singular values > 1e-10 sigma_max, RMS 1) and the condition number of G~ on that range."""
+    x = g.detach().double().cpu()
     t = x.shape[0] > x.shape[1]
     if t:
         x = x.T
@@ -106,23 +121,98 @@ def polar_error(shape, device, seed=1) -> float:
     k = s > 1e-10 * s[0]
     ref = u[:, k] @ vh[k]
     ref = ref.T if t else ref
-    ref = ref * math.sqrt(ref.numel()) / ref.norm()
+    return ref * math.sqrt(ref.numel()) / ref.norm(), float(s[0] / s[k][-1])
+
+
+def direction_error(g: torch.Tensor, settings: dict, ref: torch.Tensor | None = None) -> float:
+    """Relative Frobenius error of SWAN's direction with ``settings`` vs the exact fp64 one."""
+    ref = exact_direction(g)[0] if ref is None else ref
+    d = swan_direction(g[None].float(), **settings)[0].double().cpu()
     return float((d - ref).norm() / ref.norm())
 
 
+def polar_errors(shapes, device, seed=1) -> dict:
+    """On Gaussian matrices of the benchmark's shapes: error of the default and of the old default."""
+    out = {}
+    for m, n in shapes:
+        g = torch.randn((m, n), generator=torch.Generator().manual_seed(seed)).to(device)
+        ref, cond = exact_direction(g)
+        out[f"{m}x{n}"] = {
+            "cond_gradnormed": cond,
+            "default": direction_error(g, swan_settings(device), ref),
+            "newton_schulz_12_fp32": direction_error(g, swan_settings(device, whitening="newton_schulz"), ref),
+        }
+    return out
+
+
+def llama_gradients(preset: str, device, layers: int = 2, batch: int = 8, seq: int = 512, vocab: int = 32000):
+    """Gradients of the block matrices of a random-init LlamaForCausalLM with the preset's widths and
+    ``layers`` blocks, from one forward/backward (fp32) on random tokens: {name: grad}."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, h, ff, _ = PRESETS[preset]
+    heads = max(1, h // 64)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=ff, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    grads = {n.replace("model.layers.", "L").replace(".weight", ""): p.grad.detach().clone()
+             for n, p in model.named_parameters() if p.dim() == 2 and "layers." in n}
+    del model
+    return grads
+
+
+def real_gradient_errors(preset: str, device) -> dict:
+    grads = llama_gradients(preset, device)
+    out = {}
+    for name, g in grads.items():
+        ref, cond = exact_direction(g)
+        out[name] = {
+            "shape": list(g.shape),
+            "cond_gradnormed": cond,
+            "default": direction_error(g, swan_settings(device), ref),
+            "newton_schulz_12_fp32": direction_error(g, swan_settings(device, whitening="newton_schulz"), ref),
+        }
+    return out
+
+
 def device_check(device) -> dict:
-    """One step of each optimizer on the device vs on the CPU from the same weights and gradients."""
+    """One step of each optimizer on the device vs on the CPU from the same weights and gradients.
+    SWAN's default whitening precision differs by device (bf16 on CUDA, fp32 on CPU), so SWAN is
+    compared at each precision explicitly: "swan" fp32 on both; "swan_bf16" native bf16 tensor cores vs
+    the CPU's bf16 emulation (equal up to the order of fp32 sums, which flips a rounding here and there)."""
     out = {}
     shapes_m, shapes_f = [(48, 80), (80, 48), (64, 64)], [(100, 48), (48,)]
-    for name in ("swan", "sinkgd", "sgdsai"):
+    for name, kw in (("swan", {"whitening_dtype": "float32"}), ("swan_bf16", {"whitening_dtype": "bfloat16"}),
+                     ("sinkgd", {}), ("sgdsai", {})):
         results = []
         for dev in (torch.device("cpu"), device):
             m, f = make_params(shapes_m, dev, torch.float32, 3), make_params(shapes_f, dev, torch.float32, 4)
-            opt = build(name, m, f)
+            opt = build(name.split("_")[0], m, f, **kw)
             opt.step()
             results.append([p.detach().double().cpu() for p in m + f])
         err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*results))
         out[name] = err
+    return out
+
+
+def parse_variants(spec: str) -> list[dict]:
+    """``"ns_steps=5;whitening=newton_schulz,ns_steps=12"`` -> [{"ns_steps": 5}, {...}] (ints/floats parsed)."""
+    out = []
+    for part in filter(None, (s.strip() for s in spec.split(";"))):
+        kw = {}
+        for item in part.split(","):
+            key, value = item.split("=")
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    pass
+            kw[key.strip()] = value
+        out.append(kw)
     return out
 
 
@@ -131,7 +221,10 @@ def main() -> None:
     ap.add_argument("--preset", default="350m", choices=sorted(PRESETS))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--optimizers", default="adamw_fused,muon,swan,sinkgd,sgdsai")
+    ap.add_argument("--swan-variants", default="",
+                    help='extra SWAN settings to time, e.g. "ns_steps=4,pe_lower_bound=0.015;whitening=newton_schulz"')
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--no-errors", action="store_true", help="skip the polar-error and device checks")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,23 +232,35 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     matrices, fallback = llama_shapes(args.preset)
     numel = sum(math.prod(s) for s in matrices + fallback)
+    runs = [(name, {}) for name in args.optimizers.split(",")]
+    runs += [("swan", kw) for kw in parse_variants(args.swan_variants)]
     rows = []
-    for name in args.optimizers.split(","):
+    for name, kw in runs:
         if name == "muon" and not hasattr(torch.optim, "Muon"):
             continue
-        m, f = make_params(matrices, device, dtype), make_params(fallback, device, dtype, 1)
-        opt = build(name, m, f)
+        label = name + ("[" + ",".join(f"{k}={v}" for k, v in kw.items()) + "]" if kw else "")
+        m = make_params(matrices, device, dtype, on_device=True)
+        f = make_params(fallback, device, dtype, 1, on_device=True)
+        opt = build(name, m, f, **kw)
         ms = time_step(opt, device, iters=args.iters)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        rows.append({"optimizer": name, "ms": ms, "peak_gib": peak})
-        print(f"{name:>12} {ms:10.1f} ms", flush=True)
+        row = {"optimizer": label, "ms": ms, "peak_gib": peak}
+        if name == "swan":
+            row["whitening"] = swan_settings(device, **kw)
+            row["whitening_tflop"] = sum(
+                whitening_flops(a, b, row["whitening"]["steps"], row["whitening"]["method"])
+                for a, b in matrices) / 1e12
+        rows.append(row)
+        print(f"{label:>12} {ms:10.1f} ms", flush=True)
         del m, f, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     base = next((r["ms"] for r in rows if r["optimizer"] == "adamw_fused"), None)
+    muon = next((r["ms"] for r in rows if r["optimizer"] == "muon"), None)
     for r in rows:
         r["ratio_to_adamw_fused"] = r["ms"] / base if base else None
+        r["ratio_to_muon"] = r["ms"] / muon if muon else None
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -164,9 +269,14 @@ def main() -> None:
         "numel": numel,
         "tf32": False,
         "steps": rows,
-        "swan_polar_error": {f"{m}x{n}": polar_error((m, n), device) for m, n in sorted(set(matrices))},
-        "device_vs_cpu_max_rel_error": device_check(device),
     }
+    if not args.no_errors:
+        t0 = time.perf_counter()
+        result["swan_default_whitening"] = swan_settings(device)
+        result["swan_polar_error"] = polar_errors(sorted(set(matrices)), device)
+        result["swan_polar_error_llama_grads"] = real_gradient_errors(args.preset, device)
+        result["device_vs_cpu_max_rel_error"] = device_check(device)
+        print(f"error checks: {time.perf_counter() - t0:.1f} s", flush=True)
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

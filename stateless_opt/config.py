@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .polar import PE_LOWER
 
 
 class _Strict(BaseModel):
@@ -69,11 +71,31 @@ class _MatrixRuleConfig(_Strict):
 class SWANConfig(_MatrixRuleConfig):
     """SWAN (arXiv 2412.13148): GradNorm then GradWhitening, no state."""
 
-    ns_steps: int = Field(
-        12, ge=1, le=100, description="coupled Newton-Schulz iterations for (G G^T)^-1/2 (spectral initial scale)"
+    whitening: Literal["polar_express", "newton_schulz", "eigh"] = Field(
+        "polar_express",
+        description="how the polar factor (G G^T)^-1/2 G is computed: a Polar Express schedule of optimal "
+        "odd quintics (default), coupled Newton-Schulz on the Gram matrix (stateless_opt 0.1), or an exact "
+        "fp64 eigh",
     )
-    whitening: Literal["newton_schulz", "eigh"] = Field(
-        "newton_schulz", description="how (G G^T)^-1/2 is computed: Newton-Schulz or an exact fp64 eigh"
+    ns_steps: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="iterations of the chosen whitening method (ignored by eigh); None: the method's default "
+        "(polar_express: 5 with bf16 matmuls, 7 with fp32; newton_schulz: 12)",
+    )
+    whitening_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="matmul precision of polar_express: bfloat16 operands/results with fp32 accumulation "
+        "(statistics and output fp32) or float32; auto = bfloat16 on CUDA, float32 elsewhere. "
+        "newton_schulz and eigh always run in fp32/fp64",
+    )
+    pe_lower_bound: float = Field(
+        PE_LOWER,
+        ge=1e-7,
+        le=0.5,
+        description="polar_express: smallest singular value, relative to the spectral upper bound, that the "
+        "schedule is designed to converge (smaller: more robust to ill-conditioning, slower convergence)",
     )
     gradnorm_axis: Literal["oriented", "stored_rows"] = Field(
         "oriented",
@@ -81,6 +103,12 @@ class SWANConfig(_MatrixRuleConfig):
         "or the rows as stored",
     )
     chunk_mb: float = Field(512.0, gt=0.0, description="per-rank bound on gathered matrices of one chunk (MiB)")
+
+    @model_validator(mode="after")
+    def _bf16_needs_polar_express(self) -> "SWANConfig":
+        if self.whitening_dtype == "bfloat16" and self.whitening != "polar_express":
+            raise ValueError(f"whitening_dtype='bfloat16' needs whitening='polar_express', got {self.whitening!r}")
+        return self
 
 
 class SinkGDConfig(_MatrixRuleConfig):

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .polar import PE_LOWER, swan_polar_express
+
 # Ridge added to the normalised Gram matrix (eigenvalues <= 1) before Newton-Schulz.
 NS_RIDGE = 1e-6
 
@@ -82,14 +84,28 @@ def rms_normalize_(x: torch.Tensor) -> torch.Tensor:
 
 
 def swan_direction(
-    g: torch.Tensor, *, eps: float, steps: int, method: str = "newton_schulz", gradnorm_axis: str = "oriented"
+    g: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    method: str = "newton_schulz",
+    gradnorm_axis: str = "oriented",
+    lower: float = PE_LOWER,
+    dtype: str = "float32",
 ) -> torch.Tensor:
     """SWAN's update direction for whole matrices g (B, m, n), fp32 in, fp32 out, RMS 1 each.
 
     1. orient so that m <= n; 2. GradNorm; 3. whiten: (G G^T)^(-1/2) G, the polar factor U V^T
     (on the range for rank-deficient G, e.g. square weights after centring); 4. rescale to RMS 1.
     ``gradnorm_axis="stored_rows"`` standardises the rows as stored, before orienting.
+    ``method``: "polar_express" (``steps`` Polar Express steps for singular values down to ``lower``,
+    matmuls in ``dtype``; see polar.py), "newton_schulz" (``steps`` coupled iterations, fp32) or
+    "eigh" (exact, fp64).
     """
+    if method == "polar_express":
+        return swan_polar_express(g, eps=eps, steps=steps, lower=lower, dtype=dtype, gradnorm_axis=gradnorm_axis)
+    if method not in ("newton_schulz", "eigh"):
+        raise ValueError(f"unknown whitening method {method!r}")
     x = g.float()
     if gradnorm_axis == "stored_rows":
         x = gradnorm(x, eps)

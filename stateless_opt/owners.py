@@ -12,10 +12,20 @@ import heapq
 from typing import Sequence
 
 
-def whitening_flops(m: int, n: int, ns_steps: int) -> float:
-    """FLOPs of SWAN on one m x n matrix: Gram (2 s^2 l), the initial scale (2 x 2 s^3), ``ns_steps``
-    coupled Newton-Schulz iterations (3 x 2 s^3 each), and Z G (2 s^2 l), with s <= l the sides."""
+def whitening_flops(m: int, n: int, ns_steps: int, method: str = "polar_express") -> float:
+    """Matmul FLOPs of SWAN's whitening of one m x n matrix, with s <= l the sides.
+
+    * polar_express (``ns_steps`` = K): K (4 s^2 l + 2 s^3) (X X^T, A^2 and B X per step; the spectral
+      bound reuses the first A^2), in bf16 or fp32 alike;
+    * newton_schulz: Gram (2 s^2 l), the initial scale (2 x 2 s^3), K coupled iterations (3 x 2 s^3
+      each) and Z G (2 s^2 l);
+    * eigh: Gram, Z G and ~ 10 s^3 for the fp64 eigendecomposition and its reassembly (and slow FLOPs).
+    """
     s, l = min(m, n), max(m, n)
+    if method == "polar_express":
+        return ns_steps * (4.0 * s * s * l + 2.0 * s**3)
+    if method == "eigh":
+        return 4.0 * s * s * l + 10.0 * s**3
     return 4.0 * s * s * l + (4.0 + 6.0 * ns_steps) * s**3
 
 

@@ -177,7 +177,7 @@ def test_deepspeed_json_autos_filled_and_contradictions_named(tmp_path):
     raw = {
         "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2},
-        "optimizer": {"type": "SWAN", "params": {"lr": "auto", "weight_decay": "auto", "ns_steps": 12}},
+        "optimizer": {"type": "SWAN", "params": {"lr": "auto", "weight_decay": "auto", "gradnorm_axis": "oriented"}},
     }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(raw))
@@ -185,7 +185,7 @@ def test_deepspeed_json_autos_filled_and_contradictions_named(tmp_path):
     ds = T.deepspeed_json(cfg, world=2)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
-    assert ds["optimizer"]["params"] == {"lr": 2e-3, "weight_decay": 0.0, "ns_steps": 12}
+    assert ds["optimizer"]["params"] == {"lr": 2e-3, "weight_decay": 0.0, "gradnorm_axis": "oriented"}
     path.write_text(json.dumps({**raw, "train_micro_batch_size_per_gpu": 3}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=3 contradicts"):
         T.deepspeed_json(cfg, world=2)

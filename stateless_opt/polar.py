@@ -1,0 +1,424 @@
+"""The orthogonal polar factor U V^T of a batch of matrices by a Polar Express schedule.
+
+Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): iterate X <- p_k(X) with odd
+quintics p_k(x) = a x + b x^3 + c x^5 (applied to the singular values: p(X) = a X + b (X X^T) X +
+c (X X^T)^2 X), where each p_k is the minimax approximation of the constant 1 on the interval
+[lo_k, hi_k] that holds the singular values at step k. Starting from [lower, 1] (the caller scales X
+so that sigma_max <= 1; ``lower`` is the smallest singular value, relative to that bound, that the
+schedule is built to converge), the composition maps [lower, 1] into [1 - E_K, 1 + E_K] with E_K
+falling super-exponentially once the interval has closed in on 1. Unlike Muon's fixed quintic this
+converges to the exact polar factor; singular values below ``lower`` still grow by ~prod(a_k) and
+converge with more steps. Odd polynomials map 0 to 0, so zero singular values stay zero: the
+iteration computes the polar factor on the range.
+
+Written from the paper's description (no third-party code): the coefficients come from our own
+Remez exchange below (float64, cached per (steps, lower)), with two safety measures for finite
+precision, in the spirit of the paper's:
+
+* each p_k is designed on [lo_k, hi_k (1 + PE_MARGIN)]: a singular value that rounding pushed a little
+  above the interval is still mapped into [1 - E_k, 1 + E_k] (without it, p_k's steep slope beyond
+  hi_k - ~26 for the first step - amplifies an excess of 1e-3 to divergence within a few steps);
+* a design interval is never narrower than [PE_MAX_RATIO * hi, hi]: once converged, the remaining
+  steps use one fixed, well-conditioned quintic that tolerates rounding noise (bf16: ~1e-2).
+
+The iteration runs in the direct form on X (m x n, m <= n): A = X X^T; B = b A + c A^2;
+X <- a X + B X, 4 m^2 n + 2 m^3 FLOPs per step. A Gram-side form computes the same iterates as
+X_k = M_k X_0 from m x m products only (R = M A M^T with A = X_0 X_0^T, Q = a I + b R + c R^2,
+M <- Q M, and M X_0 once at the end: 4 m^2 n + (8 K - 6) m^3 for K steps, fewer FLOPs when n > 1.5 m),
+and is kept here (``gram_side=True``) but never chosen by SWAN: it works with A, whose condition number
+is that of X squared, so its rounding floor is ~u kappa^2 instead of ~u kappa (u the unit roundoff).
+Measured: fp32 polar error 1.4e-4 vs 1e-6 on a kappa = 100 matrix, FSDP2 sharded-vs-single SWAN
+trajectories 7.9e-4 vs 1.7e-5 (relative), and in bf16 2.9-4.2% vs 0.9% on real LLaMA MLP gradients.
+(R is recomputed as M A M^T each step, the Gram matrix of the actual iterate; variants relying on M
+and A commuting - R = M A M with M <- M Q, or R <- Q R Q - lost all accuracy within 4 steps on real
+gradients even in fp32, or were 20-40x less accurate in bf16.)
+
+bfloat16 (``dtype="bfloat16"``): matmul operands and results in bf16 with fp32 accumulation (native on
+CUDA tensor cores; emulated elsewhere by rounding operands and results to bf16 around fp32 matmuls,
+which is the same arithmetic up to the order of the fp32 sums), the iterate stored in bf16 as in
+Muon's implementation (keeping it in fp32 and rounding only the operands measured less accurate,
+1.3-4% vs 0.9%: a X then uses the unrounded X but B X the rounded one), the spectral bound from an
+fp32-output matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+# Upper end of every design interval inflated by this much: covers rounding above the bound.
+PE_MARGIN = 0.02
+# Design intervals are never narrower than [PE_MAX_RATIO * hi, hi].
+PE_MAX_RATIO = 0.9
+# The spectral bound is multiplied by this in bf16 (its matmul operands are rounded to bf16, ~2^-9).
+BF16_BOUND_SAFETY = 1.02
+# bf16 matmuls on CUDA: sides padded with zeros to a multiple of this (an odd side such as LLaMA's
+# 5461 runs ~5x slower on tensor cores). Zero rows/columns stay exactly zero through the iteration.
+PAD = 64
+# Ridge added to the normalised Gram matrix (eigenvalues <= 1) by the Gram-side form. fp32 rounding
+# leaves the null directions of a rank-deficient A (e.g. column-centred tall weights with
+# gradnorm_axis="stored_rows") eigenvalues of ~ +-1e-8; a negative one makes q(s) = a + b s + c s^2 > a,
+# so R = M A M^T grows there by a^2 per step and overflows after ~10 steps. The ridge keeps it positive.
+GRAM_RIDGE = 1e-7
+# Smallest norm we divide by (a zero matrix stays zero).
+TINY = 1e-30
+
+
+# ------------------------------------------------------------------------------------ coefficients
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (a 4 x 4 system; plain floats, no dependencies)."""
+    n = len(rhs)
+    aug = [list(r) + [v] for r, v in zip(rows, rhs)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(aug[r][col]))
+        aug[col], aug[piv] = aug[piv], aug[col]
+        for r in range(col + 1, n):
+            f = aug[r][col] / aug[col][col]
+            for k in range(col, n + 1):
+                aug[r][k] -= f * aug[col][k]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (aug[r][n] - sum(aug[r][k] * out[k] for k in range(r + 1, n))) / aug[r][r]
+    return out
+
+
+def optimal_odd_quintic(lo: float, hi: float, max_iter: int = 100) -> tuple[float, float, float, float, tuple]:
+    """(a, b, c, E, points): the odd quintic p(x) = a x + b x^3 + c x^5 minimising max |1 - p(x)| over
+    [lo, hi] (0 < lo < hi), its error E, and the four points where 1 - p equioscillates (+E at lo,
+    -E, +E, -E at hi).
+
+    Remez exchange. {x, x^3, x^5} is a Chebyshev system on x > 0, so the optimum equioscillates on 4
+    points; p' = a + 3 b x^2 + 5 c x^4 has at most two positive roots, so these are lo, the two
+    interior extrema and hi. Each round solves p(x_i) + s_i E = 1 on the current points and moves the
+    interior points to the extrema of p. To stay well conditioned on narrow intervals, q(y) = p(x)/x
+    is written in the variable t = (y - C) / H in [-1, 1], y = x^2, C = (lo^2 + hi^2)/2, H = (hi^2 -
+    lo^2)/2, and converted to monomials at the end.
+    """
+    if not 0.0 < lo < hi:
+        raise ValueError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
+    C, H = (lo * lo + hi * hi) / 2, (hi * hi - lo * lo) / 2
+    ratio = C / H
+    ts = [-1.0, -0.5, 0.5, 1.0]  # reference points in t; the interior ones move
+    signs = (1.0, -1.0, 1.0, -1.0)
+    for _ in range(max_iter):
+        xs = [lo, math.sqrt(C + H * ts[1]), math.sqrt(C + H * ts[2]), hi]  # endpoints exact (C - H cancels)
+        q0, q1, q2, err = _solve([[x, x * t, x * t * t, s] for x, t, s in zip(xs, ts, signs)], [1.0] * 4)
+        # extrema of p: d/dx [x q(y)] = q + 2 y q'(y) = 0, a quadratic in t:
+        # 5 q2 t^2 + (3 q1 + 4 q2 C/H) t + (q0 + 2 q1 C/H) = 0
+        qa, qb, qc = 5.0 * q2, 3.0 * q1 + 4.0 * q2 * ratio, q0 + 2.0 * q1 * ratio
+        disc = qb * qb - 4.0 * qa * qc
+        if qa == 0.0 or disc <= 0.0:
+            raise RuntimeError(f"Remez exchange lost its interior extrema on [{lo}, {hi}]")
+        root = -0.5 * (qb + math.copysign(math.sqrt(disc), qb))
+        t1, t2 = sorted((root / qa, qc / root))
+        t1, t2 = min(max(t1, -1.0), 1.0), min(max(t2, -1.0), 1.0)
+        moved = max(abs(t1 - ts[1]), abs(t2 - ts[2]))
+        ts = [-1.0, t1, t2, 1.0]
+        if moved < 1e-13:
+            break
+    a = q0 - q1 * C / H + q2 * C * C / (H * H)
+    b = q1 / H - 2.0 * q2 * C / (H * H)
+    c = q2 / (H * H)
+    points = (lo, math.sqrt(C + H * ts[1]), math.sqrt(C + H * ts[2]), hi)
+    return a, b, c, abs(err), points
+
+
+@functools.lru_cache(maxsize=None)
+def polar_express_schedule(steps: int, lower: float) -> tuple[tuple[float, ...], ...]:
+    """Per step k: (a, b, c, lo_k, hi_k, E_k) in float64: p_k is optimal on the design interval
+    [lo_k, hi_k] (the current interval with the safety measures of the module docstring) and maps the
+    singular values' interval into [1 - E_k, 1 + E_k], which is the next one. Starts at [lower, 1]."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < lower < 1.0:
+        raise ValueError(f"lower must be in (0, 1), got {lower}")
+    lo, hi = lower, 1.0
+    out = []
+    for _ in range(steps):
+        dhi = hi * (1.0 + PE_MARGIN)
+        dlo = min(lo, PE_MAX_RATIO * dhi)
+        a, b, c, err, _ = optimal_odd_quintic(dlo, dhi)
+        out.append((a, b, c, dlo, dhi, err))
+        lo, hi = 1.0 - err, 1.0 + err
+    return tuple(out)
+
+
+def polar_express_coefficients(steps: int, lower: float) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each step (see ``polar_express_schedule``)."""
+    return tuple(s[:3] for s in polar_express_schedule(steps, lower))
+
+
+# ------------------------------------------------------------------------------------ defaults
+# Iterations when ``ns_steps`` is left at None, and the schedule's lower bound (measured, see
+# docs/algorithms.md). bf16: 5 steps from 1e-2, the cheapest schedule that kept every non-square matrix
+# we tried within the 2% bar: 60 random Gaussian shapes (worst 1.1%) and real LLaMA gradients at the
+# 60m/350m/1.3b widths (worst 0.98%). 4 steps (from 1.5e-2, best for 4) also hold the bar on Gaussians
+# (worst 0.86%) but reach 7-8% on 1.3b gate/up gradients (GradNorm'd condition number ~150), more than
+# Newton-Schulz's 5%. fp32: 7 steps, converged to fp32 accuracy (~1e-6) on those. Newton-Schulz: 12.
+DEFAULT_STEPS = {
+    ("polar_express", "bfloat16"): 5,
+    ("polar_express", "float32"): 7,
+    ("newton_schulz", "float32"): 12,
+}
+PE_LOWER = 1e-2
+
+
+def whitening_plan(
+    method: str, ns_steps: int | None, whitening_dtype: str, device: torch.device
+) -> tuple[int, str]:
+    """(iterations, matmul dtype) for a SWAN group: ``whitening_dtype="auto"`` is bfloat16 for Polar
+    Express on CUDA (tensor cores) and float32 elsewhere (a CPU gains nothing from bf16 matmuls);
+    Newton-Schulz and eigh always run in fp32; ``ns_steps=None`` takes ``DEFAULT_STEPS``."""
+    if method == "polar_express":
+        dtype = whitening_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+    else:
+        if whitening_dtype == "bfloat16":
+            raise ValueError(f"whitening_dtype='bfloat16' needs whitening='polar_express', got {method!r}")
+        dtype = "float32"
+    if ns_steps is None:
+        ns_steps = DEFAULT_STEPS.get((method, dtype), 0)  # eigh: no iterations
+    return ns_steps, dtype
+
+
+# ------------------------------------------------------------------------------------ cost model
+def polar_express_flops(m: int, n: int, steps: int, gram_side: bool = False) -> float:
+    """Matmul FLOPs of ``polar_express`` on one m x n matrix: the direct form (SWAN's) or the Gram side."""
+    s, l = min(m, n), max(m, n)
+    if gram_side:
+        return 4.0 * s * s * l + (8.0 * steps - 6.0) * s**3
+    return steps * (4.0 * s * s * l + 2.0 * s**3)
+
+
+# ------------------------------------------------------------------------------------ the iteration
+def _bound(a2: torch.Tensor) -> torch.Tensor:
+    """c = ||A^2||_F^(1/2) = (sum lambda^4)^(1/4) >= lambda_max(A) = sigma_max(X)^2, per matrix (B, 1, 1).
+    It overshoots lambda_max by at most rank^(1/4), i.e. sigma_max by rank^(1/8) (2.6x at rank 2048,
+    ~1.5x on Gaussian or gradient spectra); it is free: the first step needs A^2 anyway."""
+    # Callers pass X / ||X||_F, so a non-zero X has bound >= 1 / rank; only a zero X reaches the floor,
+    # which keeps the 1 / bound^2.5 of the bf16 step finite.
+    return torch.linalg.matrix_norm(a2.float()).sqrt().clamp_min(1e-12)[..., None, None]
+
+
+def polar_express(
+    x: torch.Tensor, steps: int, lower: float, dtype: str = "float32", gram_side: bool = False
+) -> torch.Tensor:
+    """The polar factor of each matrix of ``x`` (B, m, n), m <= n, fp32 in, fp32 out, up to a positive
+    scale per matrix (callers normalise). ``steps`` Polar Express steps designed for singular values
+    in [lower, 1] relative to the spectral bound sigma_max <= (sum lambda^4)^(1/8) of A = X X^T.
+
+    ``dtype="bfloat16"``: bf16 matmuls with fp32 accumulation (see the module docstring).
+    ``dtype="float32"``: fp32 throughout. ``gram_side``: the Gram-side form (fp32 only; fewer FLOPs for
+    n > 1.5 m, but a rounding floor ~kappa times higher: see the module docstring).
+    """
+    if x.dim() != 3 or x.shape[-2] > x.shape[-1]:
+        raise ValueError(f"polar_express wants (B, m, n) with m <= n, got {tuple(x.shape)}")
+    x = x.float()
+    fro = torch.linalg.matrix_norm(x).clamp_min(TINY)[..., None, None]
+    if dtype == "bfloat16":
+        if gram_side:
+            raise ValueError("gram_side needs dtype='float32'")
+        m, n = x.shape[-2:]
+        ops = _ops(x.device)
+        xs = ops.empty_padded(x.shape, x.device)
+        torch.div(x, fro, out=xs[..., :m, :n])
+        return _direct_bf16(ops.load(xs), steps, lower, ops)[..., :m, :n].float()
+    if dtype != "float32":
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if gram_side:
+        return _gram_fp32(x / fro, polar_express_coefficients(steps, lower))
+    return _direct_fp32(x / fro, polar_express_coefficients(steps, lower))
+
+
+def _direct_fp32(x: torch.Tensor, coeffs) -> torch.Tensor:
+    """X <- a X + (b A + c A^2) X with A = X X^T, the bound taken from the first A^2."""
+    for k, (a, b, c) in enumerate(coeffs):
+        gram = torch.bmm(x, x.transpose(-2, -1))
+        if k == 0:
+            gram2 = torch.bmm(gram, gram)
+            bound = _bound(gram2)
+            x = x / bound.sqrt()
+            poly = (b / bound) * gram + c * (gram2 / bound / bound)
+            del gram2
+        else:
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+        del gram, poly
+    return x
+
+
+def _gram_fp32(x0: torch.Tensor, coeffs) -> torch.Tensor:
+    """The same iterates X_k = M_k X_0, computed on the m x m side (module docstring)."""
+    gram = torch.bmm(x0, x0.transpose(-2, -1))
+    r2 = torch.bmm(gram, gram)
+    bound = _bound(r2)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    gram = gram / bound
+    r2 = (r2 / bound / bound).add_(gram, alpha=2.0 * GRAM_RIDGE).add_(eye, alpha=GRAM_RIDGE**2)  # (A + d I)^2
+    gram = gram.add_(eye, alpha=GRAM_RIDGE)
+    mat = None
+    for k, (a, b, c) in enumerate(coeffs):
+        if k == 0:
+            r = gram
+        else:
+            # R = M A M^T, the Gram matrix of the current iterate M X_0, recomputed each step.
+            r = torch.bmm(torch.bmm(mat, gram), mat.transpose(-2, -1))
+            r2 = torch.bmm(r, r)
+        q = torch.add(r * b, r2, alpha=c)
+        q.diagonal(dim1=-2, dim2=-1).add_(a)
+        del r2, r
+        mat = q if mat is None else torch.bmm(q, mat)
+        del q
+    return torch.bmm(mat, x0)
+
+
+# ------------------------------------------------------------------------------------ bf16 arithmetic
+class _NativeBF16:
+    """bf16 tensors and tensor-core matmuls with fp32 accumulation (CUDA). Sides are zero-padded to
+    a multiple of PAD; zero rows and columns stay exactly zero through every step."""
+
+    pad = PAD
+
+    def empty_padded(self, shape, device) -> torch.Tensor:
+        *batch, m, n = shape
+        return torch.zeros(*batch, m + (-m) % self.pad, n + (-n) % self.pad, dtype=torch.bfloat16, device=device)
+
+    def load(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16)
+
+    def cast_into(self, op, *args) -> torch.Tensor:
+        """``op(*args)`` (fp32 arithmetic) written straight into a bf16 tensor: one pass, one rounding."""
+        out = torch.empty(args[0].shape, dtype=torch.bfloat16, device=args[0].device)
+        return op(*args, out=out)
+
+    def mm(self, a, b):
+        return torch.bmm(a, b)
+
+    def mm_fp32(self, a, b):
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            return torch.bmm(a, b).float()
+
+    def addmm(self, c, a, b, beta: float, alpha: float = 1.0):
+        """beta * c + alpha * (a @ b), combined in fp32 by the matmul epilogue, rounded once to bf16."""
+        return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+
+
+class _EmulatedBF16(_NativeBF16):
+    """The same arithmetic on fp32 tensors that hold bf16 values (CPU and other devices): operands are
+    bf16-exact, their products are exact in fp32 (8 x 8 mantissa bits) and accumulate in fp32, and
+    every result is rounded to bf16 - what the tensor cores do, up to the order of the fp32 sums."""
+
+    pad = 1
+
+    def load(self, t: torch.Tensor) -> torch.Tensor:
+        return t.float()
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16).float()
+
+    def cast_into(self, op, *args) -> torch.Tensor:
+        return self.cast(op(*args))
+
+    def mm(self, a, b):
+        return self.cast(torch.bmm(a, b))
+
+    def mm_fp32(self, a, b):
+        return torch.bmm(a, b)
+
+    def addmm(self, c, a, b, beta: float, alpha: float = 1.0):
+        return self.cast(torch.baddbmm(c, a, b, beta=beta, alpha=alpha))
+
+
+def _ops(device: torch.device) -> _NativeBF16:
+    return _NativeBF16() if device.type == "cuda" else _EmulatedBF16()
+
+
+def _direct_bf16(xs: torch.Tensor, steps: int, lower: float, ops: _NativeBF16) -> torch.Tensor:
+    """The direct iteration in bf16 on ``xs`` (B, m, n) holding bf16 values with sigma_max <= 1 (e.g.
+    divided by its Frobenius norm). Returns the last iterate (bf16 values, padded as given).
+
+    Step 1 folds the per-matrix spectral scale into an m x m factor: with s the bound,
+    p(X / sqrt s) = P X, P = (a I + (b / s) A + (c / s^2) A^2) / sqrt s, formed in fp32 from an
+    fp32-output A^2 in two passes and rounded once (no pass over the m x n iterate to rescale it).
+    Later steps are Muon's form: A = X X^T; B = b A + c A A; X = a X + B X, each combination done in
+    the fp32 matmul epilogue and rounded once to bf16."""
+    for k, (a, b, c) in enumerate(polar_express_coefficients(steps, lower)):
+        gram = ops.mm(xs, xs.transpose(-2, -1))
+        if k == 0:
+            gram2 = ops.mm_fp32(gram, gram)
+            bound = _bound(gram2) * BF16_BOUND_SAFETY
+            root = bound.sqrt()
+            # P = (c / bound^2) A^2 + a I, then + (b / bound) A; all over sqrt(bound): two passes
+            gram2.mul_(c / bound / bound / root)
+            gram2.diagonal(dim1=-2, dim2=-1).add_((a / root)[..., 0])
+            poly = ops.cast_into(torch.addcmul, gram2, gram, b / bound / root)
+            del gram, gram2
+            xs = ops.mm(poly, xs)
+        else:
+            poly = ops.addmm(gram, gram, gram, beta=b, alpha=c)
+            del gram
+            xs = ops.addmm(xs, poly, xs, beta=a)
+        del poly
+    return xs
+
+
+# ------------------------------------------------------------------------------------ SWAN's direction
+def swan_polar_express(
+    g: torch.Tensor, *, eps: float, steps: int, lower: float, dtype: str, gradnorm_axis: str = "oriented"
+) -> torch.Tensor:
+    """SWAN's direction for whole matrices g (B, M, N) with Polar Express whitening, fp32 out, RMS 1.
+
+    GradNorm, whitening, and then two exact steps on the output: it is re-centred along the axis
+    GradNorm centred (the exact polar factor on the range has zero means there: G~ 1 = 0 puts 1 in
+    its null space, so this orthogonal projection can only reduce the error; it removes the null
+    direction that rounding noise and the odd polynomials' growth near 0 would otherwise turn on, e.g.
+    for square weights), and scaled to RMS 1. In bf16 the statistics are taken with fused reductions
+    (mean and variance in one pass, the Frobenius norm of G~ from them) and G~ / ||G~||_F is written
+    straight into the padded bf16 buffer, so the fp32 matrix is read twice and the result written once.
+    """
+    x = g.float()
+    transposed = x.shape[-2] > x.shape[-1]
+    xo = x.transpose(-2, -1) if transposed else x
+    # The axis GradNorm standardises, in the oriented (m <= n) view: -1 = rows, -2 = columns.
+    axis = -2 if (gradnorm_axis == "stored_rows" and transposed) else -1
+    m, n = xo.shape[-2:]
+    if dtype == "float32":
+        d = polar_express(_gradnorm_axis(xo, eps, axis), steps, lower, "float32")
+    elif dtype == "bfloat16":
+        count = xo.shape[axis]
+        var, mean = torch.var_mean(xo, dim=axis, correction=0, keepdim=True)
+        scale = var.sqrt().add_(eps).reciprocal_()
+        scale = torch.where(var > 0, scale, torch.zeros_like(scale))  # zero-spread rows: exactly 0
+        # ||G~||_F^2 = sum over rows of count * var * scale^2, without another pass over G
+        fro = (var * scale.square()).sum(dim=(-2, -1), keepdim=True).mul_(count).sqrt_()
+        scale = torch.where(fro > 0, scale / fro.clamp_min(TINY), torch.zeros_like(scale))
+        ops = _ops(x.device)
+        xs = ops.empty_padded(xo.shape, x.device)
+        torch.addcmul(-mean * scale, xo, scale, out=xs[..., :m, :n])  # (x - mean) * scale, in one pass
+        del var, mean, scale, fro
+        d = _direct_bf16(ops.load(xs), steps, lower, ops)[..., :m, :n]
+    else:
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    # Re-centre along GradNorm's axis and scale to RMS 1: the statistics in one fused pass (per-row
+    # Welford, accurate where a flat fp32 sum over millions of entries is not), one write.
+    var, mean = torch.var_mean(d, dim=axis, correction=0, keepdim=True)
+    norm = var.float().sum(dim=(-2, -1), keepdim=True).mul_(d.shape[axis]).sqrt_()
+    scale = math.sqrt(m * n) / norm.clamp_min(TINY)
+    out = torch.empty(xo.shape[:-2] + ((n, m) if transposed else (m, n)), dtype=torch.float32, device=x.device)
+    torch.addcmul(-mean.float() * scale, d, scale, out=out.transpose(-2, -1) if transposed else out)
+    return out
+
+
+def _gradnorm_axis(x: torch.Tensor, eps: float, axis: int) -> torch.Tensor:
+    """GradNorm along ``axis`` (-1: rows, -2: columns): (x - mean) / (population std + eps)."""
+    centred = x - x.mean(dim=axis, keepdim=True)
+    std = centred.square().mean(dim=axis, keepdim=True).sqrt_()
+    return centred.div_(std.add_(eps))
