@@ -104,12 +104,20 @@ def _worker(rank, world, backend, device_type, port, cases, outdir, timeout):
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
     )
     hang = open(os.path.join(outdir, f"stacks_{rank}.txt"), "w")
+    # A native crash (SIGSEGV/SIGABRT in a C++ library) leaves its Python stack in the same file.
+    faulthandler.enable(file=hang, all_threads=True)
     # Dump every thread's stack shortly before the parent gives up on us, then exit.
     faulthandler.dump_traceback_later(max(timeout - 10.0, 5.0), exit=True, file=hang)
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     error = None
     current = None
+
+    def save() -> None:  # after every case, so a native crash loses only the case it hit
+        tmp = os.path.join(outdir, f"rank_{rank}.pkl.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump({"results": results, "timings": timings, "error": error}, f)
+        os.replace(tmp, os.path.join(outdir, f"rank_{rank}.pkl"))
     try:
         import torch
         import torch.distributed as dist
@@ -128,15 +136,14 @@ def _worker(rank, world, backend, device_type, port, cases, outdir, timeout):
             t0 = time.perf_counter()
             results[case.name] = fn(ctx, **case.kwargs)
             timings[case.name] = time.perf_counter() - t0
+            save()
         current = None
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt in a rank
         error = (current, traceback.format_exc())
     faulthandler.cancel_dump_traceback_later()
-    with open(os.path.join(outdir, f"rank_{rank}.pkl.tmp"), "wb") as f:
-        pickle.dump({"results": results, "timings": timings, "error": error}, f)
-    os.replace(os.path.join(outdir, f"rank_{rank}.pkl.tmp"), os.path.join(outdir, f"rank_{rank}.pkl"))
+    save()
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown (process-group destructors can block after a peer died).
@@ -150,6 +157,8 @@ class SpawnResult:
     timings: dict[str, float]  # case name -> max seconds over ranks
     errors: dict[str, str]  # case name -> message (failed or not run)
     wall: float
+    crashed: bool = False  # a rank died of a signal (segfault/abort in native code)
+    report: str = ""  # every failed rank's traceback and crash stacks
 
 
 def run_cases(
@@ -199,7 +208,7 @@ def run_cases(
         for p in procs:
             p.join(timeout=10)
 
-        per_rank, notes = [], []
+        per_rank, notes, crashed = [], [], False
         for rank, p in enumerate(procs):
             path = os.path.join(outdir, f"rank_{rank}.pkl")
             if os.path.exists(path):
@@ -207,9 +216,17 @@ def run_cases(
                     per_rank.append(pickle.load(f))
             else:
                 per_rank.append({"results": {}, "timings": {}, "error": (None, f"rank {rank} wrote no result")})
+            if p.exitcode is not None and p.exitcode < 0 and p not in hung:
+                crashed = True  # killed by a signal: a native crash, not a Python exception
+                if not per_rank[-1]["error"]:
+                    per_rank[-1]["error"] = (None, f"rank {rank} was killed by signal {-p.exitcode} "
+                                                   "after its last completed case")
             stacks = os.path.join(outdir, f"stacks_{rank}.txt")
             if p in hung or (os.path.exists(stacks) and os.path.getsize(stacks)):
-                text = open(stacks).read() if os.path.exists(stacks) else ""
+                text = ""
+                if os.path.exists(stacks):
+                    with open(stacks) as f:
+                        text = f.read()
                 notes.append(f"--- rank {rank} {'HUNG (killed after %.0fs)' % timeout if p in hung else ''} "
                              f"exitcode={p.exitcode}; stacks:\n{text}")
     wall = time.perf_counter() - t0
@@ -228,7 +245,7 @@ def run_cases(
             timings[case.name] = max(d["timings"][case.name] for d in per_rank)
         else:
             errors[case.name] = f"case {case.name!r} (world {world}) failed or did not run.\n{report}"
-    return SpawnResult(results, timings, errors, wall)
+    return SpawnResult(results, timings, errors, wall, crashed, report)
 
 
 class Registry:
@@ -263,8 +280,26 @@ class Registry:
         key = (world, backend or default_backend(), device_type or default_device_type())
         if key not in self._runs:
             todo = [c for c in self.cases.values() if world in c.world_sizes]
-            self._runs[key] = run_cases(todo, world, backend=key[1], device_type=key[2], timeout=timeout)
+            run = run_cases(todo, world, backend=key[1], device_type=key[2], timeout=timeout)
+            if run.crashed:
+                run = self._retry_after_crash(run, todo, world, key, timeout)
+            self._runs[key] = run
         return self._runs[key]
+
+    @staticmethod
+    def _retry_after_crash(run: SpawnResult, todo: list, world: int, key: tuple, timeout: float) -> SpawnResult:
+        """A rank killed by a signal (a native crash inside gloo/LAPACK, seen once on CI in ~100 green
+        spawns) takes every later case of its spawn down with it. Run the cases it left unfinished once
+        more in a fresh spawn, and say so loudly: the crash report becomes a pytest warning. A case that
+        fails again, or fails with a Python exception, fails its test as before."""
+        import warnings
+
+        warnings.warn(f"distributed spawn (world {world}, {key[1]}/{key[2]}) crashed natively; re-running its "
+                      f"{len(run.errors)} unfinished cases once.\n{run.report}", RuntimeWarning, stacklevel=3)
+        again = run_cases([c for c in todo if c.name in run.errors], world, backend=key[1], device_type=key[2],
+                          timeout=timeout)
+        return SpawnResult({**run.results, **again.results}, {**run.timings, **again.timings}, again.errors,
+                           run.wall + again.wall, again.crashed, again.report)
 
     def result(self, name: str, world: int, **kw) -> list:
         """Every rank's return value of case ``name``; raises the ranks' tracebacks if it failed."""
