@@ -316,9 +316,11 @@ def test_default_flops_at_1b3():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the native bf16 path")
 def test_native_bf16_matches_emulation():
     # Tensor-core bf16 vs the CPU emulation: the same arithmetic up to the order of fp32 sums, which can
-    # flip a bf16 rounding here and there; both are within the bar of the exact factor.
+    # flip a bf16 rounding here and there (one bf16 ulp is 2^-8 = 0.39% relative) and five iterations
+    # carry the flips on; measured 0.50% on an H100 (benchmarks/results/gpu_pytest_polar_edge_h100.txt),
+    # so the bound is 1% (~2.5 ulps). What matters, distance to the exact factor, keeps the CPU bar.
     g = torch.randn(4, 96, 300, generator=_gen(11))
     cpu = swan_direction(g, eps=1e-8, steps=5, method="polar_express", dtype="bfloat16")
     gpu = swan_direction(g.cuda(), eps=1e-8, steps=5, method="polar_express", dtype="bfloat16").cpu()
     eigh = swan_direction(g, eps=1e-8, steps=0, method="eigh").to(F64)
-    assert rel(gpu, cpu.to(F64)) < 5e-3 and rel(gpu, eigh) < BAR
+    assert rel(gpu, cpu.to(F64)) < 1e-2 and rel(gpu, eigh) < BAR
