@@ -164,6 +164,46 @@ def llama_gradients(preset: str, device, layers: int = 2, batch: int = 8, seq: i
     return grads
 
 
+def forward_backward_ms(preset: str, device, batch: int = 8, seq: int = 1024, iters: int = 3) -> dict:
+    """Median time of one forward + backward of the full LlamaForCausalLM of ``preset`` (fp32 weights,
+    bf16 autocast, ``batch`` x ``seq`` tokens, no activation checkpointing): the rest of a training
+    step, against which the optimizer step's share is reported."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, h, ff, vocab = PRESETS[preset]
+    heads = max(1, h // 64)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=ff, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq,
+                      use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    tokens = torch.randint(0, vocab, (batch, seq), device=device)
+    times = []
+    for i in range(iters + 1):  # the first is warm-up
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        if device.type == "cuda":
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            ms = (time.perf_counter() - t0) * 1e3
+        model.zero_grad(set_to_none=False)
+        if i:
+            times.append(ms)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del model, loss
+    return {"ms": statistics.median(times), "batch": batch, "seq": seq, "peak_gib": peak,
+            "setting": "fp32 weights, bf16 autocast, sdpa, no activation checkpointing"}
+
+
 def real_gradient_errors(preset: str, device) -> dict:
     grads = llama_gradients(preset, device)
     out = {}
@@ -225,6 +265,9 @@ def main() -> None:
                     help='extra SWAN settings to time, e.g. "ns_steps=4,pe_lower_bound=0.015;whitening=newton_schulz"')
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-errors", action="store_true", help="skip the polar-error and device checks")
+    ap.add_argument("--train-step", action="store_true",
+                    help="also time forward+backward of the full model (micro-batch 8 x 1024, bf16 autocast) and "
+                         "report each optimizer step's share of the training step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -261,8 +304,19 @@ def main() -> None:
     for r in rows:
         r["ratio_to_adamw_fused"] = r["ms"] / base if base else None
         r["ratio_to_muon"] = r["ms"] / muon if muon else None
+    fwd_bwd = None
+    if args.train_step:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        fwd_bwd = forward_backward_ms(args.preset, device)
+        for r in rows:  # share of (forward + backward + optimizer step)
+            r["share_of_training_step"] = r["ms"] / (fwd_bwd["ms"] + r["ms"])
+        print(f"forward+backward {fwd_bwd['ms']:.1f} ms; step share: "
+              + ", ".join(f"{r['optimizer']} {100 * r['share_of_training_step']:.1f}%" for r in rows), flush=True)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "forward_backward": fwd_bwd,
         "torch": torch.__version__,
         "preset": args.preset,
         "dtype": args.dtype,
