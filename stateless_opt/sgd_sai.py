@@ -42,19 +42,25 @@ class SGDSaI(StatelessOptimizer):
         fresh = self._init_scales(group, units)
         max_scale = self._max_gsnr() if group["max_normalized_gsnr"] else 1.0
         mu = group["momentum"]
-        params, updates, scales = [], [], []
+        fused, params, updates, scales = [], [], [], []
         for t, shards in units:
             state = self.state[t]
             buf_flat = local_views(state["momentum_buffer"])[0].view(-1)
             for s in shards:
                 buf = buf_flat[s.offset : s.offset + s.grad.numel()]
-                if (id(state), s.unit_index) in fresh:  # m_1 = g_1
+                first = (id(state), s.unit_index) in fresh
+                scale = state["gsnr"][s.unit_index].item() / max_scale  # host tensor: no sync
+                if _fusable(s.param, s.grad, buf, mu):
+                    fused.append((s.param, s.grad, buf, scale, first))
+                    continue
+                if first:  # m_1 = g_1
                     buf.copy_(s.grad)
                 else:
                     buf.mul_(mu).add_(s.grad, alpha=1.0 - mu)
                 params.append(s.param)
                 updates.append(buf)
-                scales.append(state["gsnr"][s.unit_index].item() / max_scale)  # host tensor: no sync
+                scales.append(scale)
+        _fused_fp32_step(fused, mu, group["lr"], group["weight_decay"])
         self._apply(params, updates, group["lr"], group["weight_decay"], group, scales)
 
     def _ensure_state(self, group, units, shards) -> None:
@@ -100,3 +106,45 @@ def _sum_and_sumsq(g: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
         acc[0] += d.sum()
         acc[1] += d.square().sum()
     return acc
+
+
+# Devices whose torch build has the fused SGD kernel (``torch.optim.SGD(fused=True)``): CUDA, and the
+# CPU since torch 2.4.
+_FUSED_DEVICES = ("cuda", "cpu")
+
+
+def _fusable(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, mu: float) -> bool:
+    """fp32 weight, gradient and buffer, dense, on a device with the fused kernel, and momentum > 0
+    (the kernel keeps no buffer without momentum). The CPU kernel reads raw pointers, hence the
+    contiguity check (the layouts already guarantee it)."""
+    return (
+        mu > 0.0
+        and p.dtype == g.dtype == buf.dtype == torch.float32
+        and p.device.type in _FUSED_DEVICES
+        and p.numel() > 0
+        and p.is_contiguous()
+        and g.is_contiguous()
+    )
+
+
+def _fused_fp32_step(frags: list, mu: float, lr: float, weight_decay: float) -> None:
+    """The SGD-SaI step of fp32 fragments ``(param, grad, buf, scale, first)``:
+    p <- (1 - lr*wd) p, then torch's fused SGD kernel (``torch._fused_sgd_``), one call per fragment
+    since each has its own lr * scale, with its decay off and dampening = mu: m = mu m + (1 - mu) g,
+    or m = g where ``is_first_step`` (a weight's first step), then p <- p - lr * scale * m.
+
+    Traffic: the kernel reads p, g, m and writes p, m (20 bytes a parameter); the decay reads and
+    writes p (8 more) when wd != 0. The generic path: 40. The decay stays a pass of its own: the
+    kernel's decay is coupled (added to g before the momentum). Folding it in (m by one lerp pass,
+    then the momentum-free kernel on m with coupled decay wd / scale: 24 bytes) rounds W once
+    instead of twice: closer to float64, but off the official fp32 trajectory by more than
+    tests/test_sgd_sai_official.py allows; so W is rounded as the official does: W * (1 - lr*wd),
+    then the update."""
+    if not frags:
+        return
+    decay = 1.0 - lr * weight_decay
+    if decay != 1.0:
+        torch._foreach_mul_([p for p, *_ in frags], decay)
+    for p, g, buf, scale, first in frags:
+        torch._fused_sgd_([p], [g], [buf], weight_decay=0.0, momentum=mu, lr=lr * scale, dampening=mu,
+                          nesterov=False, maximize=False, is_first_step=first, grad_scale=None, found_inf=None)
