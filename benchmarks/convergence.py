@@ -6,6 +6,7 @@ tokens and warm-up + cosine schedule), differing only in optimizer, peak LR and 
     python benchmarks/convergence.py --workers 6 --time-budget 260 --tag h100      # GPU: the study
     python benchmarks/convergence.py --quick --workers 2                           # CPU smoke run
     python benchmarks/convergence.py --report-only --runs-dir runs/convergence --tag h100
+    python benchmarks/convergence.py --runs-dir runs/convergence --ablations all --tag h100  # + labelled ablations
 
 Rounds (all inside one call, so a single GPU lease does the whole study):
 1. seed 0 on each optimizer's LR grid (``GRIDS``: 5 points, sqrt(10) ~ 3.2x apart);
@@ -54,6 +55,18 @@ GRIDS = {
     "sinkgd": [1e-4 * _R**k for k in range(5)],
     "sgdsai": [3e-4 * _R**k for k in range(5)],  # 3e-4 .. 3e-2
 }
+# Labelled ablations (``--ablations``), never the default: "<optimizer>+<label>" -> (extra overrides, LRs
+# as multiples of that optimizer's best LR ("around") or an absolute grid). Seed 0 only.
+ABLATIONS = {
+    "sgdsai+noclip": (["--training.grad_clip=0"], {"around": [1 / _R, 1.0, _R]}),
+    # the paper's Alg. 1: every g-SNR divided by the max over all tensors (~sqrt(numel) of the embedding)
+    "sgdsai+maxnorm": (["--optimizer.sgdsai.max_normalized_gsnr=true"], {"grid": [0.1 * _R**k for k in range(4)]}),
+    "swan+stored_rows": (["--optimizer.swan.gradnorm_axis=stored_rows"], {"around": [1.0]}),
+    "swan+fallback10": (["--optimizer.swan.fallback_lr_ratio=10"], {"around": [1.0]}),
+    "swan+fallback40": (["--optimizer.swan.fallback_lr_ratio=40"], {"around": [1.0]}),
+    "sinkgd+fallback10": (["--optimizer.sinkgd.fallback_lr_ratio=10"], {"around": [1.0]}),
+    "sinkgd+fallback40": (["--optimizer.sinkgd.fallback_lr_ratio=40"], {"around": [1.0]}),
+}
 QUICK = [  # CPU smoke run: tiny model, a few steps, a 3-point grid (checks the pipeline, not the optimizers)
     "--model.preset=tiny", "--model.num_layers=2", "--data.seq_len=64", "--model.max_position_embeddings=64",
     "--training.steps=12", "--training.warmup_steps=2", "--training.eval_every=3", "--training.batch_size=8",
@@ -67,10 +80,25 @@ def run_name(opt: str, lr: float, seed: int) -> str:
 
 
 def run_argv(opt: str, lr: float, seed: int, runs_dir: Path, extra: list[str]) -> list[str]:
+    """``opt`` is an optimizer or an ablation "<optimizer>+<label>" (its overrides come last)."""
+    base = opt.partition("+")[0]
+    ablation = ABLATIONS[opt][0] if "+" in opt else []
     return [
-        "-c", str(BASE_CONFIG), "--optimizer", opt, f"--optimizer.{opt}.lr={lr!r}", f"--training.seed={seed}",
-        f"--run.name={run_name(opt, lr, seed)}", f"--run.dir={runs_dir / run_name(opt, lr, seed)}", *extra,
+        "-c", str(BASE_CONFIG), "--optimizer", base, f"--optimizer.{base}.lr={lr!r}", f"--training.seed={seed}",
+        f"--run.name={run_name(opt, lr, seed)}", f"--run.dir={runs_dir / run_name(opt, lr, seed)}", *extra, *ablation,
     ]
+
+
+def ablation_specs(results: list[dict], names: list[str]) -> list[tuple[str, float, int]]:
+    """Seed-0 runs of each ablation, at LRs placed around its optimizer's best LR (or its own grid)."""
+    specs = []
+    for name in names:
+        best = best_lr(results, name.partition("+")[0])
+        if best is None:
+            continue
+        lrs = ABLATIONS[name][1]
+        specs += [(name, lr, 0) for lr in lrs.get("grid") or [best * m for m in lrs["around"]]]
+    return specs
 
 
 def _worker_init(threads: int) -> None:
@@ -236,6 +264,23 @@ def analyse(results: list[dict], runs_dir: Path, grids: dict[str, list[float]]) 
             if opt == "adamw":
                 info["ratio_to_adamw"] = 1.0
             info["final_val_loss_vs_adamw"] = (info["final_val_loss_mean"] / target - 1) if info["final_val_loss_mean"] else None
+    out["ablations"] = {}
+    for name in sorted({r["optimizer"] for r in results if "+" in r["optimizer"]}):
+        base = name.partition("+")[0]
+        best = best_lr(results, name)
+        runs = [r for r in results if r["optimizer"] == name and r.get("status") != "not started (time budget)"]
+        main = out["optimizers"].get(base, {})
+        main_seed0 = next((r for r in results if r["optimizer"] == base and r["lr"] == main.get("best_lr")
+                           and r["seed"] == 0), None)
+        at_best = next((r for r in runs if r["lr"] == best), None)
+        out["ablations"][name] = {
+            "overrides": ABLATIONS.get(name, ([], {}))[0],
+            "lrs_tried": sorted(r["lr"] for r in runs),
+            "best_lr": best,
+            "final_val_loss": _loss(at_best) if at_best and math.isfinite(_loss(at_best)) else None,
+            "default_final_val_loss_seed0": _loss(main_seed0) if main_seed0 else None,
+            "status": {f"{r['lr']:.3g}": r["status"][:80] for r in runs},
+        }
     out["curves"] = {n: c for n, c in curves.items()}
     return out
 
@@ -266,6 +311,14 @@ def markdown(summary: dict) -> str:
         lines.append(f"\nTarget: AdamW's final validation loss {summary['target_val_loss']:.4f} (mean over its seeds), "
                      f"which AdamW attains with its whole budget of {summary['adamw_tokens'] / 1e6:.2f}M tokens (ratio 1 "
                      "by definition; its seeds' own first crossings of the mean are listed).")
+    if summary.get("ablations"):
+        lines += ["", "Ablations (labelled; seed 0; never the default):", "",
+                  "| ablation | overrides | LRs tried | best LR | final val loss | default, seed 0 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, a in summary["ablations"].items():
+            fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+            lines.append(f"| {name} | {' '.join(a['overrides'])} | {', '.join(f'{x:.2g}' for x in a['lrs_tried'])} | "
+                         f"{a['best_lr']:.3g} | {fmt(a['final_val_loss'])} | {fmt(a['default_final_val_loss_seed0'])} |")
     missing = summary.get("not_run") or []
     if missing:
         lines.append(f"Not run (time budget): {', '.join(missing)}")
@@ -352,6 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 12 steps, 3-point grids")
     ap.add_argument("--report-only", action="store_true", help="re-analyse --runs-dir without training")
+    ap.add_argument("--ablations", default="", help=f"comma list of labelled ablations to run after the study, or "
+                    f"'all': {', '.join(ABLATIONS)}")
     ap.add_argument("--set", action="append", default=[], help="extra launch/train.py override, e.g. --set=--data.seq_len=512")
     args = ap.parse_args(argv)
 
@@ -382,7 +437,16 @@ def main(argv: list[str] | None = None) -> dict:
                 if not nxt:
                     break
                 rounds.append(nxt)
-    results = [r for r in done.values() if r["optimizer"] in opts]
+            names = list(ABLATIONS) if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
+            unknown = [a for a in names if a not in ABLATIONS]
+            if unknown:
+                raise SystemExit(f"--ablations: unknown {unknown}; choose from {list(ABLATIONS)}")
+            names = [a for a in names if a.partition("+")[0] in opts]
+            if names:
+                specs = ablation_specs(list(done.values()), names)
+                print(f"[ablations] {len(specs)} runs, {time.time() - t_start:.0f}s elapsed", flush=True)
+                run_round(pool, specs, runs_dir, extra, deadline, args.threads, done)
+    results = [r for r in done.values() if r["optimizer"].partition("+")[0] in opts]
     summary = analyse(results, runs_dir, grids)
     summary["setup"] = setup_info(results, extra)
     summary["not_run"] = sorted(run_name(r["optimizer"], r["lr"], r["seed"]) for r in results

@@ -63,3 +63,15 @@ def test_analyse_ratio_and_inside_grid(tmp_path):
     assert s["tokens_to_target"] == [pytest.approx(20.0)] and s["ratio_to_adamw"] == pytest.approx(0.5)
     assert not s["best_strictly_inside_grid"]  # a single point is not a sweep
     assert "SWAN" in conv.markdown(out)
+
+
+def test_ablations_are_labelled_runs_around_the_best_lr(tmp_path):
+    rs = [r("sgdsai", 1e-3, 0, 4.9), r("sgdsai", 3e-3, 0, 5.1), r("swan", 1e-3, 0, 3.6)]
+    specs = conv.ablation_specs(rs, ["sgdsai+noclip", "swan+stored_rows", "sinkgd+fallback10"])
+    assert [s for s in specs if s[0] == "swan+stored_rows"] == [("swan+stored_rows", 1e-3, 0)]
+    assert sorted(lr for o, lr, _ in specs if o == "sgdsai+noclip") == pytest.approx([1e-3 / math.sqrt(10), 1e-3, 1e-3 * math.sqrt(10)])
+    assert not any(o.startswith("sinkgd") for o, _, _ in specs)  # no SinkGD study: nothing to ablate around
+    argv = conv.run_argv("sgdsai+noclip", 1e-3, 0, tmp_path, [])
+    assert argv[argv.index("--optimizer") + 1] == "sgdsai" and argv[-1] == "--training.grad_clip=0"
+    # an ablation never counts as its optimizer's result
+    assert conv.best_lr(rs + [r("sgdsai+noclip", 1e-2, 0, 1.0)], "sgdsai") == 1e-3
