@@ -6,7 +6,8 @@ tokens and warm-up + cosine schedule), differing only in optimizer, peak LR and 
     python benchmarks/convergence.py --workers 6 --time-budget 260 --tag h100      # GPU: the study
     python benchmarks/convergence.py --quick --workers 2                           # CPU smoke run
     python benchmarks/convergence.py --report-only --runs-dir runs/convergence --tag h100
-    python benchmarks/convergence.py --runs-dir runs/convergence --ablations all --tag h100  # + labelled ablations
+    python benchmarks/convergence.py --resume-from benchmarks/results/convergence_h100.json --ablations all \
+        --tag h100_ablations --workers 8                     # labelled ablations around a committed study
 
 Rounds (all inside one call, so a single GPU lease does the whole study):
 1. seed 0 on each optimizer's LR grid (``GRIDS``: 5 points, sqrt(10) ~ 3.2x apart);
@@ -192,9 +193,15 @@ def next_specs(results: list[dict], grids: dict[str, list[float]]) -> list[tuple
     return specs
 
 
+def metrics_file(run_dir: str | Path) -> Path:
+    """A run's metrics.jsonl: inside its run dir, or the copy a results folder keeps (``*.jsonl``)."""
+    run_dir = Path(run_dir)
+    return run_dir if run_dir.suffix == ".jsonl" else run_dir / "metrics.jsonl"
+
+
 def read_metrics(run_dir: Path) -> tuple[list[tuple[int, int, float]], int]:
     """[(step, tokens, val_loss)] and tokens per step from a run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
+    path = metrics_file(run_dir)
     if not path.exists():
         return [], 0
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -405,6 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 12 steps, 3-point grids")
     ap.add_argument("--report-only", action="store_true", help="re-analyse --runs-dir without training")
+    ap.add_argument("--resume-from", metavar="JSON", default=None,
+                    help="a results file of an earlier study (its runs count as done; metrics from <stem>_runs/)")
     ap.add_argument("--ablations", default="", help=f"comma list of labelled ablations to run after the study, or "
                     f"'all': {', '.join(ABLATIONS)}")
     ap.add_argument("--set", action="append", default=[], help="extra launch/train.py override, e.g. --set=--data.seq_len=512")
@@ -416,6 +425,11 @@ def main(argv: list[str] | None = None) -> dict:
     extra = (QUICK if args.quick else []) + args.set
     index = runs_dir / "index.json"
     done: dict[str, dict] = json.loads(index.read_text()) if index.exists() else {}
+    if args.resume_from:  # e.g. run only the ablations of a committed study
+        earlier = Path(args.resume_from)
+        for r in json.loads(earlier.read_text())["runs"]:
+            name = run_name(r["optimizer"], r["lr"], r["seed"])
+            done.setdefault(name, {**r, "run_dir": str(earlier.with_name(f"{earlier.stem}_runs") / f"{name}.jsonl")})
     t_start = time.time()
     if not args.report_only:
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -465,9 +479,10 @@ def main(argv: list[str] | None = None) -> dict:
     metrics_out = out / f"convergence_{tag}_runs"
     metrics_out.mkdir(exist_ok=True)
     for r in results:  # keep every run's metrics file next to the table
-        src = Path(r.get("run_dir", "")) / "metrics.jsonl"
-        if src.exists():
-            shutil.copy(src, metrics_out / f"{run_name(r['optimizer'], r['lr'], r['seed'])}.jsonl")
+        src = metrics_file(r.get("run_dir", ""))
+        dst = metrics_out / f"{run_name(r['optimizer'], r['lr'], r['seed'])}.jsonl"
+        if src.exists() and src.resolve() != dst.resolve():
+            shutil.copy(src, dst)
     print(f"[written] {stem}.json, {stem}.md{', ' + png if png else ''}, {metrics_out}/")
     return summary
 
