@@ -103,6 +103,13 @@ class SWANConfig(_MatrixRuleConfig):
         "or the rows as stored",
     )
     chunk_mb: float = Field(512.0, gt=0.0, description="per-rank bound on gathered matrices of one chunk (MiB)")
+    whiten_batch_mb: float = Field(
+        128.0,
+        gt=0.0,
+        description="bound on the temporaries of one batched whitening call (MiB, estimated as for fp32 "
+        "Newton-Schulz): at 1.3B, 128 means one matrix per call; larger batches run the bf16 matmuls more "
+        "efficiently at the cost of that much more peak memory",
+    )
 
     @model_validator(mode="after")
     def _bf16_needs_polar_express(self) -> "SWANConfig":

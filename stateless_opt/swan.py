@@ -56,4 +56,5 @@ class SWAN(MatrixRuleOptimizer):
             whiten_chunk(
                 [frags[i] for i in idx], [owners[i] for i in idx], comm, direction,
                 lambda fs, us: self._apply_fragments(group, fs, us, lr),
+                temp_budget_bytes=int(group["whiten_batch_mb"] * 2**20),
             )

@@ -522,3 +522,21 @@ def test_batch_dims_needs_enough_dims():
         SWAN([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "rule": "matrix", "batch_dims": 1}])
     opt = SWAN([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "batch_dims": 1}])
     assert opt.param_groups[0]["rule"] == "fallback"
+
+
+def test_swan_whitening_sub_batch_size_does_not_change_the_update():
+    # whiten_batch_mb only decides how many same-shape matrices share one batched whitening call (a
+    # speed/peak-memory knob): one matrix per call and all in one call must give the same weights up to
+    # fp32 summation order in the batched matmuls (tolerance 1e-6 of the weights' movement).
+    torch.manual_seed(0)
+    shapes = [(24, 40)] * 6 + [(40, 24)] * 3
+    ws = {}
+    for mb in (1e-3, 1024.0):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+        start = [p.detach().clone() for p in params]
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + i))
+        SWAN(params, lr=0.1, whiten_batch_mb=mb).step()
+        ws[mb] = [(p.detach(), s) for p, s in zip(params, start)]
+    for (a, s), (b, _) in zip(ws[1e-3], ws[1024.0]):
+        assert (a - b).abs().max() <= 1e-6 * (b - s).abs().max()
