@@ -307,12 +307,32 @@ def add_ratios(rows: list[dict]) -> None:
             predicted_saving = pred - r["peak_max_gib"]
             r["saving_measured_gib"], r["saving_predicted_gib"] = measured_saving, predicted_saving
             r["saving_pred_vs_measured"] = predicted_saving / measured_saving if measured_saving > 0 else None
+        r["target_gib"], r["target"] = peak_target(r, ref)
+        r["meets_target"] = (r["peak_max_gib"] <= r["target_gib"]) if r["target_gib"] is not None else None
+
+
+TARGET_SLACK = 1.03  # issue #7: peaks within 3% of the floor each optimizer can reach in the same setup
+
+
+def peak_target(r: dict, ref: dict) -> tuple[float | None, str]:
+    """The peak this row should stay under, from rows of the same backend and checkpointing: stateless
+    SWAN/SinkGD at the SGD floor; with the AdamW fallback, the floor plus their (fallback) Adam state;
+    SGD-SaI at SGD with momentum; all + 3%."""
+    sgd, momentum = ref.get("sgd"), ref.get("sgd_momentum")
+    name = r["optimizer"]
+    if name in ("swan_stateless", "sinkgd_stateless") and sgd:
+        return TARGET_SLACK * max(sgd["peak_net_gib"]), "1.03 x SGD floor"
+    if name in ("swan", "sinkgd") and sgd:
+        return TARGET_SLACK * (max(sgd["peak_net_gib"]) + max(r["state_gib"])), "1.03 x (SGD floor + fallback Adam state)"
+    if name == "sgdsai" and momentum:
+        return TARGET_SLACK * max(momentum["peak_net_gib"]), "1.03 x SGD with momentum"
+    return None, ""
 
 
 def table(rows: list[dict], world: int) -> str:
     head = (f"{'backend':<8} {'ckpt':<4} {'optimizer':<17} {'peak GiB (max rank)':>20} {'per rank':>24} "
             f"{'/AdamW':>7} {'/SGD':>6} {'state GiB':>10} {'AdamW pred.':>12} {'pred/meas.':>10} {'saving p/m':>12} "
-            f"{'s':>6}")
+            f"{'target':>9} {'met':>4} {'s':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         name = f"{r['backend']:<8} {'on' if r['ckpt'] else 'off':<4} {r['optimizer']:<17}"
@@ -326,6 +346,7 @@ def table(rows: list[dict], world: int) -> str:
             f"{name} {r['peak_max_gib']:>20.2f} {per_rank:>24} {fmt(r['ratio_to_adamw'], '7.3f')} "
             f"{fmt(r['ratio_to_sgd'], '6.3f')} {max(r['state_gib']):>10.3f} {max(r['adamw_peak_pred_net_gib']):>12.2f} "
             f"{fmt(r['adamw_peak_pred_vs_measured'], '10.3f')} {fmt(r.get('saving_pred_vs_measured'), '12.3f')} "
+            f"{fmt(r.get('target_gib'), '9.2f')} {({True: 'yes', False: 'NO'}).get(r.get('meets_target'), '-'):>4} "
             f"{r['seconds']:>6.1f}"
         )
     return "\n".join(lines)
@@ -477,7 +498,9 @@ def main(argv=None) -> int:
         print(f"peak memory per rank: {args.model}, {world} x {device_name}, seq {args.seq}, micro-batch "
               f"{args.micro_batch}, fp32 params + bf16 autocast; ratios to AdamW / SGD (no momentum) of the same "
               "backend and checkpointing; 'AdamW pred.' = AdamW peak predicted by memory_report from that run; "
-              "'saving p/m' = predicted / measured saving against AdamW (target within 5%)")
+              "'saving p/m' = predicted / measured saving against AdamW (target within 5%); 'target' = the peak "
+              "this optimizer should stay under (stateless: 1.03 x SGD floor; AdamW fallback: 1.03 x (floor + its "
+              "Adam state); SGD-SaI: 1.03 x SGD with momentum)")
         print(table(rows, world))
         meta["elapsed_s"] = time.monotonic() - start
         with open(json_path, "w") as f:

@@ -450,3 +450,12 @@ def test_benchmark_prediction_is_net_of_memory_left_by_earlier_configurations():
     assert ours["saving_measured_gib"] == pytest.approx(2.7) and ours["saving_pred_vs_measured"] == pytest.approx(1.0)
     assert ours["ratio_to_adamw"] == pytest.approx(8.8 / 11.5)
     assert "swan_stateless" in bench.table(rows, 1)
+    # the targets, from the same run: stateless within 3% of the SGD floor
+    rows.append({"ok": True, "backend": "zero3", "ckpt": True, "optimizer": "sgd", "peak_net_gib": [8.6],
+                 "peak_gib": [8.6], "base_allocated": [0], "adamw_peak_pred_gib": [11.5], "state_gib": [0.0],
+                 "seconds": 1.0})
+    bench.add_ratios(rows)
+    assert ours["target_gib"] == pytest.approx(1.03 * 8.6) and ours["meets_target"]
+    rows[2]["peak_net_gib"] = [8.0]
+    bench.add_ratios(rows)
+    assert not ours["meets_target"]  # 8.8 > 1.03 x 8.0
