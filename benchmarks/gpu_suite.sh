@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The pending single-GPU measurements in one command, each part under its own time limit, so one lease
+# does them all and a part that overruns costs only its own slot. Writes into $OUT (or ./gpu_suite_out)
+# one tarball of benchmarks/results-style files plus a log.
+#
+#   bash benchmarks/gpu_suite.sh [step|memory|convergence ...]       # default: all three, in that order
+#
+# Needs on the GPU machine: deepspeed + pydantic (../shared/tools/device-wheels.sh prepares .whl/; this
+# script installs it when present) and, for convergence, the token cache in .data_cache/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_suite_out}
+res=/tmp/gpu_suite_results
+mkdir -p "$out" "$res"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ] && [ ! -d /tmp/site/pydantic ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz
+fi
+[ -d .data_cache ] && export STATELESS_OPT_CACHE=$PWD/.data_cache
+dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').split()[0].lower())")
+parts=${*:-step memory convergence}
+for part in $parts; do
+  echo "=== $part ($(date +%T))"
+  case $part in
+    step)  # the new SinkGD / SGD-SaI steps, SWAN's sub-batch knob, and each step's share of a training step
+      timeout 240 python3 benchmarks/step_cost.py --preset 1.3b --train-step \
+        --swan-variants "whiten_batch_mb=1024;whiten_batch_mb=4096" --out "$res/step_cost_1.3b_fp32_${dev}_v3.json" ;;
+    memory)  # the rest of the grid: checkpointing off and on, every backend, world 1
+      timeout 300 python3 benchmarks/memory.py --model 1.3b --backends plain,zero1,zero2,zero3,fsdp2 --ckpt both \
+        --max-minutes 4.5 --tag grid-v3 --out-dir "$res" ;;
+    convergence)  # labelled ablations around the committed study
+      timeout 200 python3 benchmarks/convergence.py --resume-from benchmarks/results/convergence_h100.json \
+        --ablations all --workers 8 --time-budget 150 --tag "${dev}_ablations" --runs-dir /tmp/conv_ablations \
+        --out-dir "$res" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done 2>&1 | tee "$out/gpu_suite_log.txt"
+tar czf "$out/gpu_suite_results.tgz" -C "$res" .
+ls -la "$out"
