@@ -75,6 +75,9 @@ QUICK = [  # CPU smoke run: tiny model, a few steps, a 3-point grid (checks the 
 ]
 
 
+NOT_STARTED = "not started (time budget)"
+
+
 # ------------------------------------------------------------------------------------ runs
 def run_name(opt: str, lr: float, seed: int) -> str:
     return f"{opt}_lr{lr:.3g}_s{seed}"
@@ -116,7 +119,7 @@ def _train_one(job: dict) -> dict:
     from launch import train
 
     if time.time() > job["deadline"]:
-        return {**job["spec"], "status": "not started (time budget)"}
+        return {**job["spec"], "status": NOT_STARTED}
     run_dir = Path(job["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
@@ -161,6 +164,10 @@ def run_round(pool, specs: list[tuple[str, float, int]], runs_dir: Path, extra: 
 
 
 # ------------------------------------------------------------------------------------ analysis
+def _attempted(res: dict) -> bool:
+    return res.get("status") != NOT_STARTED
+
+
 def _loss(res: dict) -> float:
     v = res.get("final_val_loss")
     return v if res.get("status") == "ok" and v is not None and math.isfinite(v) else math.inf
@@ -220,7 +227,9 @@ def tokens_to_reach(curve: list[tuple[int, int, float]], target: float) -> float
     return None
 
 
-def analyse(results: list[dict], runs_dir: Path, grids: dict[str, list[float]]) -> dict:
+def analyse(results: list[dict], runs_dir: Path) -> dict:
+    from stateless_opt.config import CONFIGS
+
     curves = {}
     for r in results:
         curve, _ = read_metrics(Path(r.get("run_dir") or runs_dir / run_name(r["optimizer"], r["lr"], r["seed"])))
@@ -230,17 +239,17 @@ def analyse(results: list[dict], runs_dir: Path, grids: dict[str, list[float]]) 
         best = best_lr(results, opt)
         if best is None:
             continue
-        tried = sorted({r["lr"] for r in results if r["optimizer"] == opt and r.get("status") != "not started (time budget)"})
+        tried = sorted({r["lr"] for r in results if r["optimizer"] == opt and _attempted(r)})
         finals = [r for r in results if r["optimizer"] == opt and r["lr"] == best and r.get("status") == "ok"]
         losses = [r["final_val_loss"] for r in finals]
         sweep = {}
         for lr in tried:
-            rs = [r for r in results if r["optimizer"] == opt and r["lr"] == lr and r.get("status") != "not started (time budget)"]
+            rs = [r for r in results if r["optimizer"] == opt and r["lr"] == lr and _attempted(r)]
             sweep[f"{lr:.3g}"] = {"final_val_loss": [_loss(r) if math.isfinite(_loss(r)) else None for r in rs],
                                   "status": [r["status"][:80] for r in rs], "seeds": [r["seed"] for r in rs]}
         out["optimizers"][opt] = {
             "best_lr": best,
-            "fallback_lr": best * 20 if opt in ("swan", "sinkgd") else None,
+            "fallback_lr": best * CONFIGS[opt]().fallback_lr_ratio if opt in ("swan", "sinkgd") else None,
             "lrs_tried": tried,
             "best_strictly_inside_grid": tried[0] < best < tried[-1],
             "seeds_at_best": [r["seed"] for r in finals],
@@ -275,7 +284,7 @@ def analyse(results: list[dict], runs_dir: Path, grids: dict[str, list[float]]) 
     for name in sorted({r["optimizer"] for r in results if "+" in r["optimizer"]}):
         base = name.partition("+")[0]
         best = best_lr(results, name)
-        runs = [r for r in results if r["optimizer"] == name and r.get("status") != "not started (time budget)"]
+        runs = [r for r in results if r["optimizer"] == name and _attempted(r)]
         main = out["optimizers"].get(base, {})
         main_seed0 = next((r for r in results if r["optimizer"] == base and r["lr"] == main.get("best_lr")
                            and r["seed"] == 0), None)
@@ -375,15 +384,21 @@ def plot(summary: dict, path: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ main
-def setup_info(results: list[dict], extra: list[str]) -> dict:
-    import torch
-
+def base_config_and_data(extra: list[str]):
+    """The study's resolved base config and its token files (built once here, before any worker starts,
+    so the workers only read the cache)."""
     from launch import train
     from launch.data import prepare
-    from launch.model import PRESETS
 
     cfg, _ = train.parse_args(["-c", str(BASE_CONFIG), *extra])
-    data = prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.val_fraction, cfg.data.cache_dir, verbose=False)
+    return cfg, prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.val_fraction, cfg.data.cache_dir, verbose=False)
+
+
+def setup_info(results: list[dict], extra: list[str], cfg, data) -> dict:
+    import torch
+
+    from launch.model import PRESETS
+
     t = cfg.training
     seen = t.steps * t.batch_size * cfg.data.seq_len
     unique = int(data.meta["tokens"]["train"])
@@ -418,6 +433,10 @@ def main(argv: list[str] | None = None) -> dict:
                     f"'all': {', '.join(ABLATIONS)}")
     ap.add_argument("--set", action="append", default=[], help="extra launch/train.py override, e.g. --set=--data.seq_len=512")
     args = ap.parse_args(argv)
+    ablations = list(ABLATIONS) if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:  # before any training: a typo must not cost the study
+        ap.error(f"--ablations: unknown {unknown}; choose from {list(ABLATIONS)}")
 
     runs_dir = Path(args.runs_dir)
     opts = [o for o in args.optimizers.split(",") if o]
@@ -431,40 +450,30 @@ def main(argv: list[str] | None = None) -> dict:
             name = run_name(r["optimizer"], r["lr"], r["seed"])
             done.setdefault(name, {**r, "run_dir": str(earlier.with_name(f"{earlier.stem}_runs") / f"{name}.jsonl")})
     t_start = time.time()
+    cfg, data = base_config_and_data(extra)
     if not args.report_only:
         runs_dir.mkdir(parents=True, exist_ok=True)
         deadline = t_start + args.time_budget if args.time_budget else math.inf
-        from launch.data import prepare
-
-        cfg_data = __import__("launch.train", fromlist=["parse_args"]).parse_args(["-c", str(BASE_CONFIG), *extra])[0].data
-        prepare(cfg_data.corpus, cfg_data.vocab_size, cfg_data.val_fraction, cfg_data.cache_dir, verbose=False)
         with mp.get_context("spawn").Pool(args.workers, initializer=_worker_init, initargs=(args.threads,),
                                           maxtasksperchild=None) as pool:
-            rounds = [[(o, lr, 0) for o in opts for lr in grids[o]]]
+            specs = [(o, lr, 0) for o in opts for lr in grids[o]]
             for k in range(3):
-                specs = rounds[-1]
                 print(f"[round {k + 1}] {len([s for s in specs if run_name(*s) not in done])} runs, "
                       f"{time.time() - t_start:.0f}s elapsed", flush=True)
                 run_round(pool, specs, runs_dir, extra, deadline, args.threads, done)
-                index.write_text(json.dumps(done, indent=1))
-                nxt = [s for s in next_specs(list(done.values()), grids) if run_name(*s) not in done]
-                if not nxt:
+                specs = [s for s in next_specs(list(done.values()), grids) if run_name(*s) not in done]
+                if not specs:
                     break
-                rounds.append(nxt)
-            names = list(ABLATIONS) if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
-            unknown = [a for a in names if a not in ABLATIONS]
-            if unknown:
-                raise SystemExit(f"--ablations: unknown {unknown}; choose from {list(ABLATIONS)}")
-            names = [a for a in names if a.partition("+")[0] in opts]
+            names = [a for a in ablations if a.partition("+")[0] in opts]
             if names:
                 specs = ablation_specs(list(done.values()), names)
                 print(f"[ablations] {len(specs)} runs, {time.time() - t_start:.0f}s elapsed", flush=True)
                 run_round(pool, specs, runs_dir, extra, deadline, args.threads, done)
     results = [r for r in done.values() if r["optimizer"].partition("+")[0] in opts]
-    summary = analyse(results, runs_dir, grids)
-    summary["setup"] = setup_info(results, extra)
+    summary = analyse(results, runs_dir)
+    summary["setup"] = setup_info(results, extra, cfg, data)
     summary["not_run"] = sorted(run_name(r["optimizer"], r["lr"], r["seed"]) for r in results
-                                if r["status"].startswith("not started"))
+                                if not _attempted(r))
     summary["runs"] = results
     summary["elapsed_s"] = round(time.time() - t_start, 1)
     tag = args.tag or summary["setup"]["device"].replace("NVIDIA ", "").split()[0].lower()

@@ -57,7 +57,7 @@ def test_analyse_ratio_and_inside_grid(tmp_path):
     rs[3]["run_dir"] = write("swan_lr0.001_s0", [8, 4, 3.0, 2.7, 2.5])
     for x in (rs[0], rs[2]):
         x["run_dir"] = str(tmp_path / "missing")
-    out = conv.analyse(rs, tmp_path, {"adamw": [1e-3, 3e-3, 1e-2], "swan": [1e-3]})
+    out = conv.analyse(rs, tmp_path)
     a, s = out["optimizers"]["adamw"], out["optimizers"]["swan"]
     assert out["target_val_loss"] == 3.0 and a["best_strictly_inside_grid"] and a["ratio_to_adamw"] == 1.0
     assert s["tokens_to_target"] == [pytest.approx(20.0)] and s["ratio_to_adamw"] == pytest.approx(0.5)
