@@ -75,13 +75,8 @@ def build(name, matrices, fallback, **swan_kw):
     raise ValueError(name)
 
 
-def time_step(opt, device, warmup=2, iters=5) -> float:
-    opts = opt if isinstance(opt, list) else [opt]
-
-    def run():
-        for o in opts:
-            o.step()
-
+def time_ms(run, device, warmup=2, iters=5) -> float:
+    """Median milliseconds of ``run()`` after ``warmup`` calls: CUDA events on a GPU, wall clock on CPU."""
     for _ in range(warmup):
         run()
     times = []
@@ -98,6 +93,16 @@ def time_step(opt, device, warmup=2, iters=5) -> float:
             run()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_step(opt, device, warmup=2, iters=5) -> float:
+    opts = opt if isinstance(opt, list) else [opt]
+
+    def run():
+        for o in opts:
+            o.step()
+
+    return time_ms(run, device, warmup, iters)
 
 
 def swan_settings(device, **overrides) -> dict:
@@ -145,17 +150,28 @@ def polar_errors(shapes, device, seed=1) -> dict:
     return out
 
 
+def llama_model(preset: str, device, *, layers: int | None = None, seq: int = 1024, vocab: int | None = None,
+                init_on_device: bool = True):
+    """A random-init ``transformers`` LlamaForCausalLM with the preset's widths (``layers`` blocks, default
+    the preset's) on ``device``; initialised there (fast at 1.3B) or on the CPU (the same weights on
+    every device)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_layers, h, ff, n_vocab = PRESETS[preset]
+    heads = max(1, h // 64)
+    cfg = LlamaConfig(vocab_size=vocab or n_vocab, hidden_size=h, intermediate_size=ff,
+                      num_hidden_layers=layers or n_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=seq, use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device if init_on_device else "cpu"):
+        return LlamaForCausalLM(cfg).to(device)
+
+
 def llama_gradients(preset: str, device, layers: int = 2, batch: int = 8, seq: int = 512, vocab: int = 32000):
     """Gradients of the block matrices of a random-init LlamaForCausalLM with the preset's widths and
     ``layers`` blocks, from one forward/backward (fp32) on random tokens: {name: grad}."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    _, h, ff, _ = PRESETS[preset]
-    heads = max(1, h // 64)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=ff, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device)
+    model = llama_model(preset, device, layers=layers, seq=seq, vocab=vocab, init_on_device=False)
     tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     model(input_ids=tokens, labels=tokens).loss.backward()
     grads = {n.replace("model.layers.", "L").replace(".weight", ""): p.grad.detach().clone()
@@ -168,39 +184,18 @@ def forward_backward_ms(preset: str, device, batch: int = 8, seq: int = 1024, it
     """Median time of one forward + backward of the full LlamaForCausalLM of ``preset`` (fp32 weights,
     bf16 autocast, ``batch`` x ``seq`` tokens, no activation checkpointing): the rest of a training
     step, against which the optimizer step's share is reported."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    model = llama_model(preset, device, seq=seq)
+    tokens = torch.randint(0, PRESETS[preset][3], (batch, seq), device=device)
 
-    layers, h, ff, vocab = PRESETS[preset]
-    heads = max(1, h // 64)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=ff, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq,
-                      use_cache=False)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    tokens = torch.randint(0, vocab, (batch, seq), device=device)
-    times = []
-    for i in range(iters + 1):  # the first is warm-up
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
+    def run():  # gradients accumulate across calls: the same work as writing them fresh
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
-        if device.type == "cuda":
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            ms = (time.perf_counter() - t0) * 1e3
-        model.zero_grad(set_to_none=False)
-        if i:
-            times.append(ms)
+
+    ms = time_ms(run, device, warmup=1, iters=iters)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del model, loss
-    return {"ms": statistics.median(times), "batch": batch, "seq": seq, "peak_gib": peak,
+    del model
+    return {"ms": ms, "batch": batch, "seq": seq, "peak_gib": peak,
             "setting": "fp32 weights, bf16 autocast, sdpa, no activation checkpointing"}
 
 
