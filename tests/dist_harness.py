@@ -288,8 +288,8 @@ class Registry:
 
     @staticmethod
     def _retry_after_crash(run: SpawnResult, todo: list, world: int, key: tuple, timeout: float) -> SpawnResult:
-        """A rank killed by a signal (a native crash inside gloo/LAPACK, seen once on CI in ~100 green
-        spawns) takes every later case of its spawn down with it. Run the cases it left unfinished once
+        """A rank killed by a signal (a native crash inside gloo under FSDP2's all-gather, about one
+        spawn in 36 under stress; docs/design.md) takes every later case of its spawn down with it. Run the cases it left unfinished once
         more in a fresh spawn, and say so loudly: the crash report becomes a pytest warning. A case that
         fails again, or fails with a Python exception, fails its test as before."""
         import warnings

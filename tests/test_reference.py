@@ -524,14 +524,24 @@ def test_batch_dims_needs_enough_dims():
     assert opt.param_groups[0]["rule"] == "fallback"
 
 
-def test_swan_whitening_sub_batch_size_does_not_change_the_update():
+def test_swan_whitening_sub_batch_size_does_not_change_the_update(monkeypatch):
     # whiten_batch_mb only decides how many same-shape matrices share one batched whitening call (a
     # speed/peak-memory knob): one matrix per call and all in one call must give the same weights up to
     # fp32 summation order in the batched matmuls (tolerance 1e-6 of the weights' movement).
+    import stateless_opt.swan as swan_module
+
     torch.manual_seed(0)
     shapes = [(24, 40)] * 6 + [(40, 24)] * 3
-    ws = {}
+    ws, calls = {}, {}
+    real_direction = swan_module.swan_direction
+
+    def counting_direction(*args, **kwargs):
+        calls[current] += 1
+        return real_direction(*args, **kwargs)
+
+    monkeypatch.setattr(swan_module, "swan_direction", counting_direction)
     for mb in (1e-3, 1024.0):
+        current, calls[mb] = mb, 0
         params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
         start = [p.detach().clone() for p in params]
         for i, p in enumerate(params):
@@ -540,3 +550,5 @@ def test_swan_whitening_sub_batch_size_does_not_change_the_update():
         ws[mb] = [(p.detach(), s) for p, s in zip(params, start)]
     for (a, s), (b, _) in zip(ws[1e-3], ws[1024.0]):
         assert (a - b).abs().max() <= 1e-6 * (b - s).abs().max()
+    # and the knob is really used: one call per matrix under a tiny bound, one per shape under a large one
+    assert calls == {1e-3: len(shapes), 1024.0: len(set(shapes))}
