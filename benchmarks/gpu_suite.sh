@@ -26,9 +26,12 @@ for part in $parts; do
     step)  # the new SinkGD / SGD-SaI steps, SWAN's sub-batch knob, and each step's share of a training step
       timeout 240 python3 benchmarks/step_cost.py --preset 1.3b --train-step \
         --swan-variants "whiten_batch_mb=1024;whiten_batch_mb=4096" --out "$res/step_cost_1.3b_fp32_${dev}_v3.json" ;;
-    memory)  # the rest of the grid: checkpointing off and on, every backend, world 1
-      timeout 300 python3 benchmarks/memory.py --model 1.3b --backends plain,zero1,zero2,zero3,fsdp2 --ckpt both \
-        --max-minutes 4.5 --tag grid-v3 --out-dir "$res" ;;
+    memory)  # the whole grid at world 1: every backend, checkpointing off and on, both models
+      for model in 1.3b 350m; do
+        timeout $([ $model = 1.3b ] && echo 300 || echo 200) python3 benchmarks/memory.py --model $model \
+          --backends plain,zero1,zero2,zero3,fsdp2 --ckpt both --max-minutes $([ $model = 1.3b ] && echo 4.2 || echo 2.7) \
+          --tag grid-v3 --out-dir "$res"
+      done ;;
     convergence)  # labelled ablations around the committed study
       timeout 200 python3 benchmarks/convergence.py --resume-from benchmarks/results/convergence_h100.json \
         --ablations all --workers 8 --time-budget 150 --tag "${dev}_ablations" --runs-dir /tmp/conv_ablations \
