@@ -17,6 +17,9 @@ if [ -d .whl ] && [ ! -d /tmp/site/pydantic ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz
 fi
+# integrations/ is installed as stateless_opt.integrations (pyproject's package-dir); from a bare
+# checkout on PYTHONPATH it needs this link instead of an install
+[ -e stateless_opt/integrations ] || ln -s ../integrations stateless_opt/integrations
 [ -d .data_cache ] && export STATELESS_OPT_CACHE=$PWD/.data_cache
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').split()[0].lower())")
 parts=${*:-step memory convergence}
@@ -27,9 +30,9 @@ for part in $parts; do
       timeout 240 python3 benchmarks/step_cost.py --preset 1.3b --train-step \
         --swan-variants "whiten_batch_mb=1024;whiten_batch_mb=4096" --out "$res/step_cost_1.3b_fp32_${dev}_v3.json" ;;
     memory)  # the whole grid at world 1: every backend, checkpointing off and on, both models
-      for model in 1.3b 350m; do
+      for model in ${MEMORY_MODELS:-1.3b 350m}; do
         timeout $([ $model = 1.3b ] && echo 300 || echo 200) python3 benchmarks/memory.py --model $model \
-          --backends plain,zero1,zero2,zero3,fsdp2 --ckpt both --max-minutes $([ $model = 1.3b ] && echo 4.2 || echo 2.7) \
+          --backends ${MEMORY_BACKENDS:-plain,zero1,zero2,zero3,fsdp2} --ckpt both --max-minutes $([ $model = 1.3b ] && echo 4.2 || echo 2.7) \
           --tag grid-v3 --out-dir "$res"
       done ;;
     convergence)  # labelled ablations around the committed study

@@ -26,7 +26,8 @@ ratio to AdamW and to the SGD floor measured in the same run, and the AdamW peak
     torchrun --standalone --nproc-per-node 8 benchmarks/memory.py --world 8 --model 1.3b --backends zero3,fsdp2
 
 ``--max-minutes`` (default 7.5) stops starting new configurations once the budget is spent (the rest
-are listed as skipped); split the grid over invocations with --backends / --optimizers / --ckpt.
+are listed as skipped); split the grid over invocations with --backends / --optimizers / --ckpt and join
+the files with ``--merge A.json B.json ... --merge-out grid.json`` (a later file wins per configuration).
 """
 
 from __future__ import annotations
@@ -217,15 +218,26 @@ class Setup:
 
 
 def forget_zero3_module(module) -> None:
-    """DeepSpeed 0.19's ZeRO-3 pushes the top module onto the global ``FWD_MODULE_STACK`` when the
-    engine is built and nothing pops it, not even ``destroy()``: the module, its hooks, the engine and
-    the optimizer (with its state) stay alive, a few GiB per configuration. Drop our entry."""
+    """Release what DeepSpeed 0.19's ZeRO-3 keeps alive after ``engine.destroy()``: the global
+    ``FWD_MODULE_STACK`` keeps the top module (pushed when the engine is built, never popped) and,
+    with activation checkpointing, sub-modules; ``PartitionedParameterCoordinator``'s
+    ``__params_to_release`` is an ``lru_cache`` on a method, so the class keeps every coordinator, its
+    parameters and through them the optimizer. Each kept the model, engine and optimizer state: a few
+    GiB per configuration (found with a referrer walk on CPU)."""
     try:
-        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
     except ImportError:
         return
+    ours = {id(m) for m in module.modules()}
     stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
-    stack[:] = [m for m in stack if m is not module]
+    stack[:] = [m for m in stack if id(m) not in ours]
+    cls = getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", None)
+    fn = vars(cls).get("_PartitionedParameterCoordinator__params_to_release") if cls else None
+    for cell in getattr(fn, "__closure__", None) or ():  # instrument_w_nvtx wraps the lru_cache
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+    if hasattr(fn, "cache_clear"):
+        fn.cache_clear()
 
 
 def release(device: torch.device) -> None:
@@ -418,9 +430,14 @@ def parse_args(argv=None):
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
     ap.add_argument("--reanalyse", metavar="JSON", default=None,
                     help="recompute the ratios and prediction columns of a results file (no GPU) and print its table")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="merge results files of one setup (later files win per configuration; no GPU)")
+    ap.add_argument("--merge-out", metavar="JSON", default=None, help="where --merge writes (and its PNG)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.model, args.seq, args.micro_batch = "tiny", 64, 2
+    if args.merge and not args.merge_out:
+        ap.error("--merge needs --merge-out")
     for name, allowed in (("backends", BACKENDS), ("optimizers", OPTIMIZERS)):
         chosen = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
         bad = [x for x in chosen if x not in allowed]
@@ -438,10 +455,45 @@ def reanalyse(path: Path) -> str:
     return table(data["rows"], data["world"])
 
 
+MERGE_KEYS = ("device", "world", "model", "seq", "micro_batch", "steps", "adamw_impl")
+
+
+def merge(paths: list[Path], out: Path) -> str:
+    """One results file from a grid split over invocations (--backends / --optimizers / --ckpt): a
+    configuration measured in a later file replaces the same configuration of an earlier one unless the
+    later one failed. The files must share the setup (``MERGE_KEYS``); ratios are recomputed."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    first = files[0]
+    for p, d in zip(paths[1:], files[1:]):
+        differ = [k for k in MERGE_KEYS if d.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"--merge: {p} differs from {paths[0]} in {differ}")
+    rows: dict[tuple, dict] = {}
+    for d in files:
+        for r in d["rows"]:
+            key = (r["backend"], r["ckpt"], r["optimizer"])
+            if r.get("ok") or key not in rows:
+                rows[key] = r
+    order = {(b, c, o): i for i, (b, c, o) in enumerate(
+        (b, c, o) for b in BACKENDS for c in (False, True) for o in OPTIMIZERS)}
+    merged = sorted(rows.values(), key=lambda r: order.get((r["backend"], r["ckpt"], r["optimizer"]), 10**6))
+    add_ratios(merged)
+    meta = {k: v for k, v in first.items() if k != "rows"}
+    meta["merged_from"] = [{"file": Path(p).name, "argv": d.get("argv"), "started": d.get("started")}
+                           for p, d in zip(paths, files)]
+    out.write_text(json.dumps({**meta, "rows": merged}, indent=1))
+    title = f"{first['model']}, {first['world']} x {first['device']}, seq {first['seq']}, mb {first['micro_batch']}"
+    plot(merged, out.with_suffix(".png"), title)
+    return table(merged, first["world"])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.reanalyse:
         print(reanalyse(Path(args.reanalyse)))
+        return 0
+    if args.merge:
+        print(merge([Path(p) for p in args.merge], Path(args.merge_out)))
         return 0
     start = time.monotonic()
     device_type = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
