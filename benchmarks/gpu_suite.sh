@@ -23,12 +23,15 @@ fi
 [ -d .data_cache ] && export STATELESS_OPT_CACHE=$PWD/.data_cache
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').split()[0].lower())")
 parts=${*:-step memory convergence}
+# the settings the step part times beside the defaults: what each fast path buys
+STEP_VARIANTS=${STEP_VARIANTS:-"sinkgd:stats_dtype=float32;sinkgd:fused=false;sinkgd:chunk_mb=1024;sgdsai:fused=false;\
+swan:whiten_batch_mb=1024;swan:whiten_batch_mb=4096;swan:ns_steps=4,whiten_batch_mb=1024"}
 for part in $parts; do
   echo "=== $part ($(date +%T))"
   case $part in
     step)  # the new SinkGD / SGD-SaI steps, SWAN's sub-batch knob, and each step's share of a training step
-      timeout 240 python3 benchmarks/step_cost.py --preset 1.3b --train-step \
-        --swan-variants "whiten_batch_mb=1024;whiten_batch_mb=4096" --out "$res/step_cost_1.3b_fp32_${dev}_v3.json" ;;
+      timeout 300 python3 benchmarks/step_cost.py --preset 1.3b --train-step --variants "$STEP_VARIANTS" \
+        --out "$res/step_cost_1.3b_fp32_${dev}_v3.json" ;;
     memory)  # the whole grid at world 1: every backend, checkpointing off and on, both models
       for model in ${MEMORY_MODELS:-1.3b 350m}; do
         timeout $([ $model = 1.3b ] && echo 300 || echo 200) python3 benchmarks/memory.py --model $model \

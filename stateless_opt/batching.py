@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import kernels
 from .fragments import MatrixFragment, pieces
 from .ops import floor_norms
 
@@ -56,28 +57,37 @@ class ChunkIndex:
 
 
 class FragmentStack:
-    """Same-geometry local fragments of one chunk. ``x`` (B, L) fp32 first holds the squared gradients
-    S = G∘G, which is all the Sinkhorn rounds read; ``finalize`` then overwrites it with r∘G∘c.
+    """Same-geometry local fragments of one chunk. ``s`` (B, L) holds the squared gradients S = G∘G,
+    which is all the Sinkhorn rounds read, in ``stats_dtype``; at the end the update r∘G∘c is either
+    written straight into fp32 weights by one fused kernel (``scaled_update_``) or materialised in fp32
+    (``finalize``) for the generic apply.
 
     Why squares and scale vectors: the iterate r_i G_ij c_j is never materialised during the rounds.
     A row's norm is sqrt(Σ_j S_ij c_j²) and a column's sqrt(Σ_i r_i² S_ij): batched mat-vecs that read
     S once per half-round and write nothing, instead of a norm pass plus a read-modify-write scaling
-    pass over the matrix. At L rounds that is ~(2L + 7) x 4 bytes per element instead of ~(6L + 5) x 4.
+    pass over the matrix. Bytes per element at L rounds (fp32 G and W): building S 4 + |S|, the rounds
+    2L |S|, the fused update 12 (tensor-op path: 28); |S| = 4 (fp32) or 2 (bf16): 96 -> 38 at L = 5.
+    bf16 S keeps fp32 accumulation and fp32 results (on CUDA), so each row/column sum is off by about
+    one bf16 rounding of its terms, averaged: ~1e-4 relative on gradients, against 2^-9 per element.
     """
 
-    def __init__(self, frags: list[MatrixFragment], positions: list[int], index: ChunkIndex):
+    def __init__(self, frags: list[MatrixFragment], positions: list[int], index: ChunkIndex,
+                 stats_dtype: torch.dtype = torch.float32):
         self.frags = frags
         f0 = frags[0]
         start, end = f0.local_range
-        self.x = torch.empty((len(frags), end - start), dtype=torch.float32, device=f0.grad.device)
-        for row, f in zip(self.x, frags):
-            if f.grad.dtype == torch.float32:
-                torch.mul(f.grad.reshape(-1), f.grad.reshape(-1), out=row)
+        self.s = torch.empty((len(frags), end - start), dtype=stats_dtype, device=f0.grad.device)
+        for row, f in zip(self.s, frags):
+            g = f.grad.reshape(-1)
+            if g.dtype == torch.float32:
+                torch.mul(g, g, out=row)  # rounded once into stats_dtype
             else:
-                row.copy_(f.grad.reshape(-1)).square_()
-        device = self.x.device
-        row_off = torch.tensor([index.row_offset[p] for p in positions], device=device)
-        col_off = torch.tensor([index.col_offset[p] for p in positions], device=device)
+                row.copy_(g.float().square_())
+        device = self.s.device
+        self.row_off = [index.row_offset[p] for p in positions]
+        self.col_off = [index.col_offset[p] for p in positions]
+        row_off = torch.tensor(self.row_off, device=device)
+        col_off = torch.tensor(self.col_off, device=device)
         self.parts = []
         for pc in pieces(f0.n, start, end):
             h, w = pc.r1 - pc.r0, pc.c1 - pc.c0
@@ -91,33 +101,81 @@ class FragmentStack:
 
     def add_row_sumsq(self, out: torch.Tensor, col_scale_sq: torch.Tensor) -> None:
         """out[row] += Σ_j S_ij c_j² over this stack's pieces (the pre-row-scale squared row norms)."""
-        for view, rows, cols in self._views(self.x):
-            part = torch.matmul(view, col_scale_sq[cols].unsqueeze(-1)).squeeze(-1)
+        for view, rows, cols in self._views(self.s):
+            part = matmul_fp32(view, col_scale_sq[cols].unsqueeze(-1).to(view.dtype)).squeeze(-1)
             out.index_add_(0, rows.reshape(-1), part.reshape(-1))
 
     def add_col_sumsq(self, out: torch.Tensor, row_scale_sq: torch.Tensor) -> None:
         """out[col] += Σ_i r_i² S_ij over this stack's pieces (the pre-column-scale squared norms)."""
-        for view, rows, cols in self._views(self.x):
-            part = torch.matmul(row_scale_sq[rows].unsqueeze(-2), view).squeeze(-2)
+        for view, rows, cols in self._views(self.s):
+            part = matmul_fp32(row_scale_sq[rows].unsqueeze(-2).to(view.dtype), view).squeeze(-2)
             out.index_add_(0, cols.reshape(-1), part.reshape(-1))
 
+    def fusable(self) -> bool:
+        """The fused update applies: fp32 contiguous weights and gradients on a device with kernels."""
+        return kernels.available(self.s.device) and all(
+            f.param.dtype == f.grad.dtype == torch.float32 and f.param.is_contiguous() and f.grad.is_contiguous()
+            for f in self.frags)
+
+    def scaled_update_(self, row_scale: torch.Tensor, col_scale: torch.Tensor, lr: float, decay: float) -> None:
+        """W <- decay W - lr r∘G∘c on every fragment, one fused pass each (see ``fusable``)."""
+        self.s = None
+        for f, r0, c0 in zip(self.frags, self.row_off, self.col_off):
+            kernels.row_col_scaled_update_(
+                f.param, f.grad, row_scale[r0 : r0 + f.m], col_scale[c0 : c0 + f.n],
+                start=f.local_range[0], n=f.n, lr=lr, decay=decay)
+
     def finalize(self, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
-        """x <- r∘G∘c, read from the (untouched) gradients; returns x."""
-        for row, f in zip(self.x, self.frags):
+        """The update r∘G∘c in fp32 (B, L), read from the (untouched) gradients (S's memory is reused
+        when S is fp32)."""
+        x = self.s if self.s.dtype == torch.float32 else None
+        self.s = None  # a bf16 S is freed before x is allocated: the peak stays one fp32 copy
+        if x is None:
+            x = torch.empty((len(self.frags), self.parts_numel()), dtype=torch.float32, device=row_scale.device)
+        for row, f in zip(x, self.frags):
             row.copy_(f.grad.reshape(-1))
-        for view, rows, cols in self._views(self.x):
+        for view, rows, cols in self._views(x):
             view.mul_(row_scale[rows].unsqueeze(-1)).mul_(col_scale[cols].unsqueeze(-2))
-        return self.x
+        return x
+
+    def parts_numel(self) -> int:
+        start, end = self.frags[0].local_range
+        return end - start
 
 
-def stack_local(frags: Sequence[MatrixFragment], index: ChunkIndex) -> list[FragmentStack]:
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched ``a @ b`` with fp32 results. bf16 operands accumulate in fp32; on CUDA the result is
+    written in fp32 too (``bmm``'s ``out_dtype``, torch >= 2.8) rather than rounded to bf16 first."""
+    if a.dtype == torch.float32:
+        return torch.matmul(a, b)
+    if a.is_cuda and _has_bmm_out_dtype():
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.matmul(a, b).float()
+
+
+_BMM_OUT_DTYPE: list[bool] = []
+
+
+def _has_bmm_out_dtype() -> bool:
+    if not _BMM_OUT_DTYPE:
+        try:
+            x = torch.ones(1, 1, 1, dtype=torch.bfloat16, device="cuda")
+            _BMM_OUT_DTYPE.append(torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32)
+        except (TypeError, RuntimeError):
+            _BMM_OUT_DTYPE.append(False)
+    return _BMM_OUT_DTYPE[0]
+
+
+def stack_local(frags: Sequence[MatrixFragment], index: ChunkIndex,
+                stats_dtype: torch.dtype = torch.float32) -> list[FragmentStack]:
     """Group the chunk's non-empty local fragments by geometry and stack each group."""
     by_geometry: dict[tuple, list[int]] = defaultdict(list)
     for pos, f in enumerate(frags):
         s, e = f.local_range
         if e > s:
             by_geometry[(f.m, f.n, s, e, f.grad.dtype)].append(pos)
-    return [FragmentStack([frags[p] for p in positions], positions, index) for positions in by_geometry.values()]
+    return [FragmentStack([frags[p] for p in positions], positions, index, stats_dtype)
+            for positions in by_geometry.values()]
 
 
 def needs_row_reduce(frags: Sequence[MatrixFragment]) -> bool:
@@ -147,16 +205,19 @@ def normalize_rows_cols(
     columns: bool,
     apply: Callable[[list[MatrixFragment], torch.Tensor], None],
     device: torch.device,
+    stats_dtype: torch.dtype = torch.float32,
+    fused_update: tuple[float, float] | None = None,
 ) -> None:
     """SR-Sinkhorn on fragments: ``iterations`` x {every row to l2 norm sqrt(n); then (if ``columns``)
-    every column to l2 norm sqrt(m)}; then ``apply(frags, x)`` for each stack.
+    every column to l2 norm sqrt(m)}; then, for each stack, W <- decay W - lr x in one fused pass where
+    ``fused_update = (lr, decay)`` is given and the stack qualifies, else ``apply(frags, x)``.
 
     The iterate is diag(r) G diag(c): only the row scales r and column scales c change per half-round
     (see ``FragmentStack``). Row sums of squares come from fragment-local partial sums, all-reduced as
     one vector for all matrices (skipped where rows are whole on every rank); columns likewise.
     """
     index = ChunkIndex(frags, device)
-    stacks = stack_local(frags, index)
+    stacks = stack_local(frags, index, stats_dtype)
     reduce_rows, reduce_cols = needs_row_reduce(frags), needs_col_reduce(frags)
     row_scale = torch.ones(index.rows, dtype=torch.float32, device=device)
     col_scale = torch.ones(index.cols, dtype=torch.float32, device=device)
@@ -165,7 +226,10 @@ def normalize_rows_cols(
         if columns:
             _normalize_axis(stacks, index, comm, eps, rows=False, reduce=reduce_cols, scale=col_scale, other=row_scale)
     for st in stacks:
-        apply(st.frags, st.finalize(row_scale, col_scale))
+        if fused_update is not None and st.fusable():
+            st.scaled_update_(row_scale, col_scale, *fused_update)
+        else:
+            apply(st.frags, st.finalize(row_scale, col_scale))
 
 
 def _normalize_axis(stacks, index: ChunkIndex, comm, eps, *, rows: bool, reduce: bool, scale: torch.Tensor,

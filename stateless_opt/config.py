@@ -122,6 +122,16 @@ class SinkGDConfig(_MatrixRuleConfig):
     """SinkGD (arXiv 2502.06742): alternating row/column l2 normalisation, no state."""
 
     iterations: int = Field(5, ge=1, le=100, description="row/column normalisation rounds (L)")
+    stats_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the squared gradients the rounds read: auto = bfloat16 on CUDA (half the "
+        "traffic, ~1e-4 relative on the norms; sums stay fp32), float32 elsewhere",
+    )
+    fused: bool = Field(
+        True,
+        description="write r*G*c into fp32 weights with one fused Triton kernel on CUDA (where Triton "
+        "imports); False: the tensor-op path",
+    )
 
 
 class SGDSaIConfig(_Strict):
@@ -133,6 +143,11 @@ class SGDSaIConfig(_Strict):
     weight_decay: float = Field(1e-2, ge=0.0, description="decoupled weight decay, not scaled by g-SNR")
     max_normalized_gsnr: bool = Field(
         False, description="the paper's Alg. 1 variant: divide every g-SNR by the max over all tensors"
+    )
+    fused: bool = Field(
+        True,
+        description="fp32 weights: one fused kernel per weight (Triton on CUDA, else torch's fused SGD "
+        "kernel plus a decay pass); False: the tensor-op path",
     )
     stochastic_rounding: bool = Field(
         True, description="round low-precision (bf16/fp16) weights stochastically so small updates survive"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .base import StatelessOptimizer, local_views
 from .config import SGDSaIConfig
 from .ops import gsnr
@@ -50,7 +51,7 @@ class SGDSaI(StatelessOptimizer):
                 buf = buf_flat[s.offset : s.offset + s.grad.numel()]
                 first = (id(state), s.unit_index) in fresh
                 scale = state["gsnr"][s.unit_index].item() / max_scale  # host tensor: no sync
-                if _fusable(s.param, s.grad, buf, mu):
+                if group["fused"] and _fusable(s.param, s.grad, buf, mu):
                     fused.append((s.param, s.grad, buf, scale, first))
                     continue
                 if first:  # m_1 = g_1
@@ -128,8 +129,8 @@ def _fusable(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, mu: float) -> 
 
 
 def _fused_fp32_step(frags: list, mu: float, lr: float, weight_decay: float) -> None:
-    """The SGD-SaI step of fp32 fragments ``(param, grad, buf, scale, first)``:
-    p <- (1 - lr*wd) p, then torch's fused SGD kernel (``torch._fused_sgd_``), one call per fragment
+    """The SGD-SaI step of fp32 fragments ``(param, grad, buf, scale, first)``. On CUDA with Triton:
+    ``kernels.sgd_sai_step_``, one pass per fragment. Elsewhere: p <- (1 - lr*wd) p, then torch's fused SGD kernel (``torch._fused_sgd_``), one call per fragment
     since each has its own lr * scale, with its decay off and dampening = mu: m = mu m + (1 - mu) g,
     or m = g where ``is_first_step`` (a weight's first step), then p <- p - lr * scale * m.
 
@@ -143,6 +144,10 @@ def _fused_fp32_step(frags: list, mu: float, lr: float, weight_decay: float) -> 
     if not frags:
         return
     decay = 1.0 - lr * weight_decay
+    if kernels.available(frags[0][0].device):  # one pass: 20 bytes a parameter, decay included
+        for p, g, buf, scale, first in frags:
+            kernels.sgd_sai_step_(p, g, buf, lr_scale=lr * scale, decay=decay, mu=mu, first=first)
+        return
     if decay != 1.0:
         torch._foreach_mul_([p for p, *_ in frags], decay)
     for p, g, buf, scale, first in frags:

@@ -552,3 +552,15 @@ def test_swan_whitening_sub_batch_size_does_not_change_the_update(monkeypatch):
         assert (a - b).abs().max() <= 1e-6 * (b - s).abs().max()
     # and the knob is really used: one call per matrix under a tiny bound, one per shape under a large one
     assert calls == {1e-3: len(shapes), 1024.0: len(set(shapes))}
+
+
+@pytest.mark.parametrize("shape", [*MATRIX_SHAPES, "large"])
+def test_sinkgd_bf16_statistics(shape):
+    # stats_dtype="bfloat16" (the CUDA default): the rounds read S = G∘G rounded to bf16 (2^-9
+    # relative per element) and, on the CPU, each row/column sum is rounded to bf16 once more (CUDA
+    # keeps it fp32); every scale is then off by up to ~2^-9 and the update by a few of those, never
+    # more: the rounds renormalise, errors do not accumulate. Bound 1e-2; fp32 stats stay at FP32_TOL.
+    s = (96, 200) if shape == "large" else MATRIX_SHAPES[shape]
+    err = matrix_run_fp32(SinkGD, s, R.sinkgd_update, stats_dtype="bfloat16")
+    assert err < 1e-2, err
+    assert matrix_run_fp32(SinkGD, s, R.sinkgd_update, stats_dtype="float32") < FP32_TOL
