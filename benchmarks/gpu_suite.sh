@@ -44,6 +44,6 @@ for part in $parts; do
         --out-dir "$res" ;;
     *) echo "unknown part $part" ;;
   esac
+  tar czf "$out/gpu_suite_results.tgz" -C "$res" .  # after every part: a lease cut short keeps what ran
 done 2>&1 | tee "$out/gpu_suite_log.txt"
-tar czf "$out/gpu_suite_results.tgz" -C "$res" .
 ls -la "$out"
