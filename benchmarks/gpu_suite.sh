@@ -24,8 +24,8 @@ fi
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').split()[0].lower())")
 parts=${*:-step memory convergence}
 # the settings the step part times beside the defaults: what each fast path buys
-STEP_VARIANTS=${STEP_VARIANTS:-"sinkgd:stats_dtype=float32;sinkgd:fused=false;sinkgd:chunk_mb=1024;sgdsai:fused=false;\
-swan:whiten_batch_mb=1024;swan:whiten_batch_mb=4096;swan:ns_steps=4,whiten_batch_mb=1024"}
+STEP_VARIANTS=${STEP_VARIANTS:-"sinkgd:chunk_mb=256;sinkgd:stats_dtype=float32;sinkgd:fused=false;\
+sinkgd:stats_dtype=float32,fused=false;sgdsai:fused=false;swan:whiten_batch_mb=128;swan:whiten_batch_mb=4096"}
 for part in $parts; do
   echo "=== $part ($(date +%T))"
   case $part in

@@ -76,16 +76,20 @@ def build(name, matrices, fallback, **kw):
     raise ValueError(name)
 
 
-def time_ms(run, device, warmup=2, iters=5) -> float:
-    """Median milliseconds of ``run()`` after ``warmup`` calls: CUDA events on a GPU, wall clock on CPU."""
+def time_ms(run, device, warmup=2, iters=5, host: list | None = None) -> float:
+    """Median milliseconds of ``run()`` after ``warmup`` calls: CUDA events on a GPU, wall clock on CPU.
+    ``host`` (a list) receives the median host time of issuing ``run()`` on a GPU: close to the CUDA
+    time means the step is bound by the CPU issuing launches (or by syncs), not by the GPU."""
     for _ in range(warmup):
         run()
-    times = []
+    times, issue = [], []
     for _ in range(iters):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             run()
+            issue.append((time.perf_counter() - t0) * 1e3)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
@@ -93,17 +97,19 @@ def time_ms(run, device, warmup=2, iters=5) -> float:
             t0 = time.perf_counter()
             run()
             times.append((time.perf_counter() - t0) * 1e3)
+    if host is not None and issue:
+        host.append(statistics.median(issue))
     return statistics.median(times)
 
 
-def time_step(opt, device, warmup=2, iters=5) -> float:
+def time_step(opt, device, warmup=2, iters=5, host: list | None = None) -> float:
     opts = opt if isinstance(opt, list) else [opt]
 
     def run():
         for o in opts:
             o.step()
 
-    return time_ms(run, device, warmup, iters)
+    return time_ms(run, device, warmup, iters, host)
 
 
 def swan_settings(device, **overrides) -> dict:
@@ -296,21 +302,22 @@ def main() -> None:
         f = make_params(fallback, device, dtype, 1, on_device=True)
         try:
             opt = build(name, m, f, **kw)
-            ms = time_step(opt, device, iters=args.iters)
+            host: list[float] = []
+            ms = time_step(opt, device, iters=args.iters, host=host)
         except Exception as err:  # noqa: BLE001  (one broken variant must not cost the rest of the run)
             rows.append({"optimizer": label, "ms": None, "error": f"{type(err).__name__}: {err}"})
             print(f"{label:>12} FAILED: {type(err).__name__}: {err}", flush=True)
             del m, f
             continue
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        row = {"optimizer": label, "ms": ms, "peak_gib": peak}
+        row = {"optimizer": label, "ms": ms, "host_issue_ms": host[0] if host else None, "peak_gib": peak}
         if name == "swan":
             row["whitening"] = swan_settings(device, **kw)
             row["whitening_tflop"] = sum(
                 whitening_flops(a, b, row["whitening"]["steps"], row["whitening"]["method"])
                 for a, b in matrices) / 1e12
         rows.append(row)
-        print(f"{label:>12} {ms:10.1f} ms", flush=True)
+        print(f"{label:>12} {ms:10.1f} ms" + (f"  (host issues it in {host[0]:.1f} ms)" if host else ""), flush=True)
         del m, f, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -109,6 +109,8 @@ class StatelessOptimizer(torch.optim.Optimizer):
         self.replicate_group = replicate_group
         self.layout_provider = None  # set by integrations whose param_groups hold flat partitions
         self._comms: dict[Any, Collectives] = {}
+        # device index tensors of each chunk layout (batching.chunk_geometry), built at the first step
+        self.geometry_cache: dict = {}
         self._logged_rules = False
 
     # ------------------------------------------------------------------ groups and rules

@@ -71,29 +71,17 @@ class FragmentStack:
     one bf16 rounding of its terms, averaged: ~1e-4 relative on gradients, against 2^-9 per element.
     """
 
-    def __init__(self, frags: list[MatrixFragment], positions: list[int], index: ChunkIndex,
-                 stats_dtype: torch.dtype = torch.float32):
+    def __init__(self, frags: list[MatrixFragment], geometry: "StackGeometry", stats_dtype: torch.dtype):
         self.frags = frags
-        f0 = frags[0]
-        start, end = f0.local_range
-        self.s = torch.empty((len(frags), end - start), dtype=stats_dtype, device=f0.grad.device)
+        self.row_off, self.col_off, self.parts = geometry.row_off, geometry.col_off, geometry.parts
+        start, end = frags[0].local_range
+        self.s = torch.empty((len(frags), end - start), dtype=stats_dtype, device=frags[0].grad.device)
         for row, f in zip(self.s, frags):
             g = f.grad.reshape(-1)
             if g.dtype == torch.float32:
                 torch.mul(g, g, out=row)  # rounded once into stats_dtype
             else:
                 row.copy_(g.float().square_())
-        device = self.s.device
-        self.row_off = [index.row_offset[p] for p in positions]
-        self.col_off = [index.col_offset[p] for p in positions]
-        row_off = torch.tensor(self.row_off, device=device)
-        col_off = torch.tensor(self.col_off, device=device)
-        self.parts = []
-        for pc in pieces(f0.n, start, end):
-            h, w = pc.r1 - pc.r0, pc.c1 - pc.c0
-            rows = row_off[:, None] + torch.arange(pc.r0, pc.r1, device=device)
-            cols = col_off[:, None] + torch.arange(pc.c0, pc.c1, device=device)
-            self.parts.append((pc.offset, h, w, rows, cols))
 
     def _views(self, t: torch.Tensor):
         for offset, h, w, rows, cols in self.parts:
@@ -166,16 +154,45 @@ def _has_bmm_out_dtype() -> bool:
     return _BMM_OUT_DTYPE[0]
 
 
-def stack_local(frags: Sequence[MatrixFragment], index: ChunkIndex,
-                stats_dtype: torch.dtype = torch.float32) -> list[FragmentStack]:
-    """Group the chunk's non-empty local fragments by geometry and stack each group."""
-    by_geometry: dict[tuple, list[int]] = defaultdict(list)
-    for pos, f in enumerate(frags):
-        s, e = f.local_range
-        if e > s:
-            by_geometry[(f.m, f.n, s, e, f.grad.dtype)].append(pos)
-    return [FragmentStack([frags[p] for p in positions], positions, index, stats_dtype)
-            for positions in by_geometry.values()]
+class StackGeometry:
+    """Where the pieces of one group of same-geometry fragments (``positions`` in the chunk) sit in
+    the chunk-wide row/column vectors: (offset in the fragment, h, w, row indices, column indices)."""
+
+    def __init__(self, frags: Sequence[MatrixFragment], positions: list[int], index: ChunkIndex,
+                 device: torch.device):
+        f0 = frags[positions[0]]
+        start, end = f0.local_range
+        self.positions = positions
+        self.row_off = [index.row_offset[p] for p in positions]
+        self.col_off = [index.col_offset[p] for p in positions]
+        row_off = torch.tensor(self.row_off, device=device)
+        col_off = torch.tensor(self.col_off, device=device)
+        self.parts = []
+        for pc in pieces(f0.n, start, end):
+            rows = row_off[:, None] + torch.arange(pc.r0, pc.r1, device=device)
+            cols = col_off[:, None] + torch.arange(pc.c0, pc.c1, device=device)
+            self.parts.append((pc.offset, pc.r1 - pc.r0, pc.c1 - pc.c0, rows, cols))
+
+
+def chunk_geometry(frags: Sequence[MatrixFragment], device: torch.device,
+                   cache: dict | None) -> tuple[ChunkIndex, list[StackGeometry]]:
+    """The chunk's index and its stacks' geometry (non-empty local fragments grouped by geometry).
+    Building them copies host lists to the device, which waits for the GPU to drain its queue; the
+    layout is the same at every step, so the optimizer passes a ``cache`` and only the first step
+    pays (the step stays a stream of launches the CPU can run ahead of)."""
+    key = (str(device), tuple((f.key, f.m, f.n, f.local_range, f.grad.dtype) for f in frags))
+    hit = cache.get(key) if cache is not None else None
+    if hit is None:
+        index = ChunkIndex(frags, device)
+        by_geometry: dict[tuple, list[int]] = defaultdict(list)
+        for pos, f in enumerate(frags):
+            s, e = f.local_range
+            if e > s:
+                by_geometry[(f.m, f.n, s, e, f.grad.dtype)].append(pos)
+        hit = (index, [StackGeometry(frags, positions, index, device) for positions in by_geometry.values()])
+        if cache is not None:
+            cache[key] = hit
+    return hit
 
 
 def needs_row_reduce(frags: Sequence[MatrixFragment]) -> bool:
@@ -207,17 +224,19 @@ def normalize_rows_cols(
     device: torch.device,
     stats_dtype: torch.dtype = torch.float32,
     fused_update: tuple[float, float] | None = None,
+    cache: dict | None = None,
 ) -> None:
     """SR-Sinkhorn on fragments: ``iterations`` x {every row to l2 norm sqrt(n); then (if ``columns``)
     every column to l2 norm sqrt(m)}; then, for each stack, W <- decay W - lr x in one fused pass where
     ``fused_update = (lr, decay)`` is given and the stack qualifies, else ``apply(frags, x)``.
+    ``cache``: the optimizer's dict for ``chunk_geometry``.
 
     The iterate is diag(r) G diag(c): only the row scales r and column scales c change per half-round
     (see ``FragmentStack``). Row sums of squares come from fragment-local partial sums, all-reduced as
     one vector for all matrices (skipped where rows are whole on every rank); columns likewise.
     """
-    index = ChunkIndex(frags, device)
-    stacks = stack_local(frags, index, stats_dtype)
+    index, geometries = chunk_geometry(frags, device, cache)
+    stacks = [FragmentStack([frags[p] for p in g.positions], g, stats_dtype) for g in geometries]
     reduce_rows, reduce_cols = needs_row_reduce(frags), needs_col_reduce(frags)
     row_scale = torch.ones(index.rows, dtype=torch.float32, device=device)
     col_scale = torch.ones(index.cols, dtype=torch.float32, device=device)

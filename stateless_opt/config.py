@@ -104,11 +104,12 @@ class SWANConfig(_MatrixRuleConfig):
     )
     chunk_mb: float = Field(512.0, gt=0.0, description="per-rank bound on gathered matrices of one chunk (MiB)")
     whiten_batch_mb: float = Field(
-        128.0,
+        1024.0,
         gt=0.0,
         description="bound on the temporaries of one batched whitening call (MiB, estimated as for fp32 "
-        "Newton-Schulz): at 1.3B, 128 means one matrix per call; larger batches run the bf16 matmuls more "
-        "efficiently at the cost of that much more peak memory",
+        "Newton-Schulz): larger batches run the bf16 matmuls more efficiently at the cost of that much more "
+        "peak memory (1.3B on an H100: 128 -> 208 ms a step, 1024 -> 158 ms and +0.28 GiB, 4096 -> 148 ms "
+        "and +1.0 GiB)",
     )
 
     @model_validator(mode="after")
@@ -120,6 +121,12 @@ class SWANConfig(_MatrixRuleConfig):
 
 class SinkGDConfig(_MatrixRuleConfig):
     """SinkGD (arXiv 2502.06742): alternating row/column l2 normalisation, no state."""
+
+    chunk_mb: float = Field(
+        1024.0, gt=0.0,
+        description="upper bound on the temporaries of one batched chunk (MiB, counted as fp32): fewer, "
+        "larger chunks issue fewer launches (1.3B on an H100: 256 -> 88 ms a step, 1024 -> 41 ms, +0.02 GiB)",
+    )
 
     iterations: int = Field(5, ge=1, le=100, description="row/column normalisation rounds (L)")
     stats_dtype: Literal["auto", "float32", "bfloat16"] = Field(

@@ -64,4 +64,5 @@ def stateless_fallback(opt, group: dict, shards, comm, lr: float) -> None:
             [frags[i] for i in idx], comm, iterations=1, eps=group["eps"], columns=False,
             apply=lambda fs, x: opt._apply([f.param for f in fs], list(x), lr, group["weight_decay"], group),
             device=frags[0].grad.device, fused_update=(lr, 1.0 - lr * group["weight_decay"]),
+            cache=opt.geometry_cache,
         )

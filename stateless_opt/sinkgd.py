@@ -43,6 +43,7 @@ class SinkGD(MatrixRuleOptimizer):
                 [frags[i] for i in idx], comm, iterations=group["iterations"], eps=group["eps"], columns=True,
                 apply=lambda fs, x: self._apply_fragments(group, fs, x.unbind(0), lr),
                 device=device, stats_dtype=stats_dtype(group["stats_dtype"], device), fused_update=fused,
+                cache=self.geometry_cache,
             )
 
 
