@@ -105,13 +105,12 @@ class FragmentStack:
             f.param.dtype == f.grad.dtype == torch.float32 and f.param.is_contiguous() and f.grad.is_contiguous()
             for f in self.frags)
 
-    def scaled_update_(self, row_scale: torch.Tensor, col_scale: torch.Tensor, lr: float, decay: float) -> None:
-        """W <- decay W - lr r∘G∘c on every fragment, one fused pass each (see ``fusable``)."""
+    def fused_items(self, row_scale: torch.Tensor, col_scale: torch.Tensor) -> list[tuple]:
+        """This stack's fragments as ``kernels.row_col_scaled_update_`` items (see ``fusable``); S is
+        no longer needed."""
         self.s = None
-        for f, r0, c0 in zip(self.frags, self.row_off, self.col_off):
-            kernels.row_col_scaled_update_(
-                f.param, f.grad, row_scale[r0 : r0 + f.m], col_scale[c0 : c0 + f.n],
-                start=f.local_range[0], n=f.n, lr=lr, decay=decay)
+        return [(f.param, f.grad, row_scale[r0 : r0 + f.m], col_scale[c0 : c0 + f.n], f.local_range[0], f.n)
+                for f, r0, c0 in zip(self.frags, self.row_off, self.col_off)]
 
     def finalize(self, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
         """The update r∘G∘c in fp32 (B, L), read from the (untouched) gradients (S's memory is reused
@@ -244,11 +243,15 @@ def normalize_rows_cols(
         _normalize_axis(stacks, index, comm, eps, rows=True, reduce=reduce_rows, scale=row_scale, other=col_scale)
         if columns:
             _normalize_axis(stacks, index, comm, eps, rows=False, reduce=reduce_cols, scale=col_scale, other=row_scale)
+    fused = []  # one launch for every fusable fragment of the chunk
     for st in stacks:
         if fused_update is not None and st.fusable():
-            st.scaled_update_(row_scale, col_scale, *fused_update)
+            fused += st.fused_items(row_scale, col_scale)
         else:
             apply(st.frags, st.finalize(row_scale, col_scale))
+    if fused:
+        lr, decay = fused_update
+        kernels.row_col_scaled_update_(fused, lr=lr, decay=decay)
 
 
 def _normalize_axis(stacks, index: ChunkIndex, comm, eps, *, rows: bool, reduce: bool, scale: torch.Tensor,

@@ -1,5 +1,5 @@
 """Fused elementwise kernels (Triton) for the CUDA fast paths: one pass over the memory where the
-tensor-op path needs two or three.
+tensor-op path needs two or three, and one launch for a whole list of tensors.
 
 Each kernel states the tensor-op expression it replaces; ``tests/test_kernels.py`` runs both on the
 CPU through Triton's interpreter (``TRITON_INTERPRET=1``) and the GPU step benchmark compares the
@@ -12,14 +12,22 @@ reference tests check.
   p <- decay * p - lr_scale * m. Reads p, g, m and writes p, m: 20 bytes a parameter, against 28
   for the decay pass plus ``torch._fused_sgd_`` (whose weight decay is coupled, so it cannot fold
   SGD-SaI's decoupled one).
-* ``row_col_scaled_update_``: p <- decay * p - lr * (r_i * G_ij * c_j) on a flat fragment of an
-  m x n matrix (any start offset: ZeRO cuts rows). Reads G and p, writes p: 12 bytes an element,
+* ``row_col_scaled_update_``: p <- decay * p - lr * (r_i * G_ij * c_j) on flat fragments of m x n
+  matrices (any start offset: ZeRO cuts rows). Reads G and p, writes p: 12 bytes an element,
   against 28 for materialising r∘G∘c and then applying it.
+
+Why one launch per list (like torch's ``_foreach`` kernels): a 1.3B LLaMA has ~220 weights and a
+Python-side Triton launch costs tens of microseconds, so per-weight launches left the GPU waiting on
+the host. The tensors' addresses, sizes and scalars go in a small table copied to the device without
+a sync (pinned memory); each program finds its tensor by a binary search over the table's block
+offsets.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Sequence
 
 import torch
 
@@ -41,37 +49,64 @@ def available(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _grid(numel: int):
-    return (triton.cdiv(numel, BLOCK),)
-
-
 if triton is not None:
 
     @triton.jit
-    def _sgd_sai_kernel(p_ptr, g_ptr, m_ptr, numel, lr_scale, decay, mu, FIRST: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    def _owner(starts_ptr, count, pid, SEARCH: tl.constexpr):
+        """The t with starts[t] <= pid < starts[t + 1] (starts ascending, starts[0] = 0)."""
+        lo = pid * 0
+        hi = lo + count
+        for _ in tl.static_range(SEARCH):
+            mid = (lo + hi) // 2
+            go = tl.load(starts_ptr + mid) <= pid
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        return lo
+
+    @triton.jit
+    def _sgd_sai_kernel(itab, ftab, count, decay, mu, SEARCH: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        # itab rows: p, g, m addresses, numel, first block, is-first-step; ftab: lr * scale
+        pid = tl.program_id(0).to(tl.int64)
+        t = _owner(itab + 4 * count, count, pid, SEARCH)
+        p_ptr = tl.load(itab + t).to(tl.pointer_type(tl.float32))
+        g_ptr = tl.load(itab + count + t).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(itab + 2 * count + t).to(tl.pointer_type(tl.float32))
+        numel = tl.load(itab + 3 * count + t)
+        first = tl.load(itab + 5 * count + t)
+        lr_scale = tl.load(ftab + t)
+        offs = (pid - tl.load(itab + 4 * count + t)) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask)
-        if FIRST:
-            m = g
-        else:
-            m = tl.load(m_ptr + offs, mask=mask) * mu + g * (1.0 - mu)
+        m_old = tl.load(m_ptr + offs, mask=mask)  # read on a first step too (zeros then): one step in all
+        m = tl.where(first != 0, g, m_old * mu + g * (1.0 - mu))
         p = tl.load(p_ptr + offs, mask=mask)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(p_ptr + offs, p * decay - lr_scale * m, mask=mask)
 
     @triton.jit
-    def _row_col_kernel(p_ptr, g_ptr, r_ptr, c_ptr, numel, start, n, lr, decay, WIDE: tl.constexpr,
+    def _row_col_kernel(itab, count, lr, decay, WIDE: tl.constexpr, SEARCH: tl.constexpr,
                         BLOCK_SIZE: tl.constexpr):
-        if WIDE:  # matrices of 2**31 elements or more: 64-bit positions (a slower division)
-            offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        else:
-            offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        # itab rows: p, g, r, c addresses, numel, first block, start in the matrix, n
+        pid = tl.program_id(0).to(tl.int64)
+        t = _owner(itab + 5 * count, count, pid, SEARCH)
+        p_ptr = tl.load(itab + t).to(tl.pointer_type(tl.float32))
+        g_ptr = tl.load(itab + count + t).to(tl.pointer_type(tl.float32))
+        r_ptr = tl.load(itab + 2 * count + t).to(tl.pointer_type(tl.float32))
+        c_ptr = tl.load(itab + 3 * count + t).to(tl.pointer_type(tl.float32))
+        numel = tl.load(itab + 4 * count + t)
+        start = tl.load(itab + 6 * count + t)
+        n = tl.load(itab + 7 * count + t)
+        offs = (pid - tl.load(itab + 5 * count + t)) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < numel
-        flat = start + offs  # position in the whole matrix
-        row = flat // n
-        col = flat - row * n
+        if WIDE:  # matrices of 2**31 elements or more: 64-bit positions (a slower division)
+            flat = start + offs
+            row = flat // n
+            col = flat - row * n
+        else:
+            flat = (start + offs).to(tl.int32)
+            n32 = n.to(tl.int32)
+            row = flat // n32
+            col = flat - row * n32
         g = tl.load(g_ptr + offs, mask=mask)
         r = tl.load(r_ptr + row, mask=mask)
         c = tl.load(c_ptr + col, mask=mask)
@@ -85,23 +120,61 @@ def _check(*tensors: torch.Tensor) -> None:
             raise ValueError(f"fused kernels take contiguous fp32 tensors, got {t.dtype}, contiguous={t.is_contiguous()}")
 
 
-def sgd_sai_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, *, lr_scale: float, decay: float,
-                  mu: float, first: bool) -> None:
-    """In place on ``p`` and ``m`` (same numel as ``g``): the SGD-SaI step of one weight fragment."""
-    _check(p, g, m)
-    numel = g.numel()
-    if numel:
-        _sgd_sai_kernel[_grid(numel)](p, g, m, numel, float(lr_scale), float(decay), float(mu), FIRST=bool(first),
-                                      BLOCK_SIZE=BLOCK)
+def _blocks(numels: Sequence[int]) -> tuple[list[int], int]:
+    """First block of each tensor, and the total."""
+    starts, total = [], 0
+    for n in numels:
+        starts.append(total)
+        total += -(-n // BLOCK)
+    return starts, total
 
 
-def row_col_scaled_update_(p: torch.Tensor, g: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-                           *, start: int, n: int, lr: float, decay: float) -> None:
-    """In place on ``p``: p <- decay p - lr r∘G∘c for the flat fragment [start, start + numel) of an
-    m x n matrix; ``row_scale`` (m,) and ``col_scale`` (n,) are the matrix's own scale vectors."""
-    _check(p, g, row_scale, col_scale)
-    numel = g.numel()
-    if numel:
-        wide = start + numel + BLOCK >= 2**31
-        _row_col_kernel[_grid(numel)](p, g, row_scale, col_scale, numel, int(start), int(n), float(lr), float(decay),
-                                      WIDE=wide, BLOCK_SIZE=BLOCK)
+def _table(rows: list[list[int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host rows -> one flat device tensor, copied without a sync (pinned memory on CUDA; the host
+    allocator keeps the pinned block until the copy has run)."""
+    host = torch.tensor([v for row in rows for v in row], dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def _search_steps(count: int) -> int:
+    return max(1, math.ceil(math.log2(count)) + 1) if count > 1 else 1
+
+
+def sgd_sai_step_(items: Sequence[tuple], *, decay: float, mu: float) -> None:
+    """The SGD-SaI step of weight fragments ``(param, grad, momentum, lr * scale, first)`` in place,
+    all in one launch (tensors of equal numel per item, contiguous fp32, one device)."""
+    items = [it for it in items if it[1].numel()]
+    if not items:
+        return
+    for p, g, m, *_ in items:
+        _check(p, g, m)
+    device = items[0][0].device
+    starts, total = _blocks([g.numel() for _, g, *_ in items])
+    itab = _table([[p.data_ptr() for p, *_ in items], [g.data_ptr() for _, g, *_ in items],
+                   [m.data_ptr() for _, _, m, *_ in items], [g.numel() for _, g, *_ in items], starts,
+                   [int(bool(first)) for *_, first in items]], torch.int64, device)
+    ftab = _table([[float(scale) for *_, scale, _ in items]], torch.float32, device)
+    _sgd_sai_kernel[(total,)](itab, ftab, len(items), float(decay), float(mu), SEARCH=_search_steps(len(items)),
+                              BLOCK_SIZE=BLOCK)
+
+
+def row_col_scaled_update_(items: Sequence[tuple], *, lr: float, decay: float) -> None:
+    """p <- decay p - lr r∘G∘c in place for fragments ``(param, grad, row_scale, col_scale, start, n)``:
+    the flat range [start, start + numel) of an m x n matrix, whose own scale vectors are ``row_scale``
+    (m,) and ``col_scale`` (n,); all in one launch."""
+    items = [it for it in items if it[1].numel()]
+    if not items:
+        return
+    for p, g, r, c, *_ in items:
+        _check(p, g, r, c)
+    device = items[0][0].device
+    numels = [g.numel() for _, g, *_ in items]
+    starts, total = _blocks(numels)
+    itab = _table([[p.data_ptr() for p, *_ in items], [g.data_ptr() for _, g, *_ in items],
+                   [r.data_ptr() for _, _, r, *_ in items], [c.data_ptr() for _, _, _, c, *_ in items],
+                   numels, starts, [int(s) for *_, s, _ in items], [int(n) for *_, n in items]], torch.int64, device)
+    wide = any(s + n + BLOCK >= 2**31 for (*_, s, _), n in zip(items, numels))
+    _row_col_kernel[(total,)](itab, len(items), float(lr), float(decay), WIDE=wide,
+                              SEARCH=_search_steps(len(items)), BLOCK_SIZE=BLOCK)

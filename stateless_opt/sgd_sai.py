@@ -130,7 +130,7 @@ def _fusable(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, mu: float) -> 
 
 def _fused_fp32_step(frags: list, mu: float, lr: float, weight_decay: float) -> None:
     """The SGD-SaI step of fp32 fragments ``(param, grad, buf, scale, first)``. On CUDA with Triton:
-    ``kernels.sgd_sai_step_``, one pass per fragment. Elsewhere: p <- (1 - lr*wd) p, then torch's fused SGD kernel (``torch._fused_sgd_``), one call per fragment
+    ``kernels.sgd_sai_step_``, one pass and one launch for all fragments. Elsewhere: p <- (1 - lr*wd) p, then torch's fused SGD kernel (``torch._fused_sgd_``), one call per fragment
     since each has its own lr * scale, with its decay off and dampening = mu: m = mu m + (1 - mu) g,
     or m = g where ``is_first_step`` (a weight's first step), then p <- p - lr * scale * m.
 
@@ -144,9 +144,9 @@ def _fused_fp32_step(frags: list, mu: float, lr: float, weight_decay: float) -> 
     if not frags:
         return
     decay = 1.0 - lr * weight_decay
-    if kernels.available(frags[0][0].device):  # one pass: 20 bytes a parameter, decay included
-        for p, g, buf, scale, first in frags:
-            kernels.sgd_sai_step_(p, g, buf, lr_scale=lr * scale, decay=decay, mu=mu, first=first)
+    if kernels.available(frags[0][0].device):  # one pass (20 bytes a parameter, decay included), one launch
+        kernels.sgd_sai_step_([(p, g, buf, lr * scale, first) for p, g, buf, scale, first in frags],
+                              decay=decay, mu=mu)
         return
     if decay != 1.0:
         torch._foreach_mul_([p for p, *_ in frags], decay)

@@ -21,30 +21,40 @@ CASES = Registry(__name__)
 WORLD = 2
 
 
+def _maxdiff(a, b) -> float:
+    return float((a - b).abs().amax()) if a.numel() else 0.0
+
+
 def case_kernels_match_tensor_ops(ctx):
-    """Max |kernel - tensor-op expression| over random sizes and offsets (interpreter: exact fp32 ops,
-    so 0 up to a contraction into fused multiply-adds, at most an ulp)."""
+    """Max |kernel - tensor-op expression| over one launch of several tensors (sizes below, at and
+    above a block; offsets mid-row; first and later steps mixed), so every program must find its own
+    tensor (interpreter: exact fp32 ops, so 0 up to a contraction into fused multiply-adds)."""
     import torch
 
     from stateless_opt import kernels
 
     assert kernels.available(torch.device("cpu")), "TRITON_INTERPRET=1 must make the kernels run on the CPU"
     gen = torch.Generator().manual_seed(ctx.rank)
-    errs = {"sgd_sai": 0.0, "row_col": 0.0}
-    for numel, first in ((1, True), (5000, False), (kernels.BLOCK + 3, True), (3 * kernels.BLOCK, False)):
+    errs = {}
+    items, refs = [], []
+    sizes = ((1, True), (5000, False), (kernels.BLOCK + 3, True), (0, False), (3 * kernels.BLOCK, False), (7, False))
+    for i, (numel, first) in enumerate(sizes):
         p, g, m = (torch.randn(numel, generator=gen) for _ in range(3))
-        p_ref, m_ref = p.clone(), (g.clone() if first else m * 0.9 + g * 0.1)
-        p_ref = p_ref * 0.99 - 0.3 * m_ref
-        kernels.sgd_sai_step_(p, g, m, lr_scale=0.3, decay=0.99, mu=0.9, first=first)
-        errs["sgd_sai"] = max(errs["sgd_sai"], float((p - p_ref).abs().max()), float((m - m_ref).abs().max()))
-    for rows, cols, start, end in ((37, 53, 0, 37 * 53), (37, 53, 100, 1500), (5, 2100, 2000, 9000), (1, 7, 3, 4)):
+        scale = 0.1 * (i + 1)
+        m_ref = g.clone() if first else m * 0.9 + g * 0.1
+        refs.append((p * 0.99 - scale * m_ref, m_ref))
+        items.append((p, g, m, scale, first))
+    kernels.sgd_sai_step_(items, decay=0.99, mu=0.9)
+    errs["sgd_sai"] = max(max(_maxdiff(p, pr), _maxdiff(m, mr)) for (p, _, m, *_), (pr, mr) in zip(items, refs))
+    items, refs = [], []
+    for rows, cols, start, end in ((37, 53, 0, 37 * 53), (37, 53, 100, 1500), (5, 2100, 2000, 9000), (1, 7, 3, 4),
+                                   (3, 3, 4, 4)):
         G, P = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen)
         r, c = torch.rand(rows, generator=gen) + 0.5, torch.rand(cols, generator=gen) + 0.5
-        p = P.reshape(-1)[start:end].clone()
-        kernels.row_col_scaled_update_(p, G.reshape(-1)[start:end].clone(), r, c, start=start, n=cols, lr=0.1,
-                                       decay=0.98)
-        ref = (P * 0.98 - 0.1 * (r[:, None] * G * c[None, :])).reshape(-1)[start:end]
-        errs["row_col"] = max(errs["row_col"], float((p - ref).abs().max()))
+        items.append((P.reshape(-1)[start:end].clone(), G.reshape(-1)[start:end].clone(), r, c, start, cols))
+        refs.append((P * 0.98 - 0.1 * (r[:, None] * G * c[None, :])).reshape(-1)[start:end])
+    kernels.row_col_scaled_update_(items, lr=0.1, decay=0.98)
+    errs["row_col"] = max(_maxdiff(it[0], ref) for it, ref in zip(items, refs))
     return errs
 
 
