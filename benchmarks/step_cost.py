@@ -270,6 +270,36 @@ def parse_variants(spec: str, default_name: str = "swan") -> list[tuple[str, dic
     return out
 
 
+def plot(result: dict, path: str) -> bool:
+    """Bar chart of the step times (log scale) with each bar's ratio to fused AdamW; False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in result["steps"] if r.get("ms")]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
+    bars = ax.bar(range(len(rows)), [r["ms"] for r in rows],
+                  color=["tab:gray" if "[" in r["optimizer"] else "tab:blue" for r in rows])
+    for bar, r in zip(bars, rows):
+        ratio = r.get("ratio_to_adamw_fused")
+        ax.annotate(f"{r['ms']:.1f} ms" + (f"\n{ratio:.2f}x AdamW" if ratio else ""), (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)), [r["optimizer"].replace("[", "\n[").replace(",", ",\n") for r in rows], fontsize=7,
+                  rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("optimizer step, ms (median)")
+    ax.set_title(f"{result['preset']} {result['dtype']} params, {result['device']} (grey: non-default settings)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="350m", choices=sorted(PRESETS))
@@ -284,8 +314,14 @@ def main() -> None:
     ap.add_argument("--train-step", action="store_true",
                     help="also time forward+backward of the full model (micro-batch 8 x 1024, bf16 autocast) and "
                          "report each optimizer step's share of the training step")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="JSON path; a PNG chart is written beside it")
+    ap.add_argument("--replot", metavar="JSON", default=None, help="only draw the chart of a results file (no GPU)")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            print("wrote", args.replot.removesuffix(".json") + ".png" if plot(json.load(f), args.replot.removesuffix(
+                ".json") + ".png") else "nothing (no matplotlib)")
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
@@ -362,6 +398,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+        plot(result, args.out.removesuffix(".json") + ".png")
 
 
 if __name__ == "__main__":
