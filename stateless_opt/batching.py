@@ -59,8 +59,8 @@ class ChunkIndex:
 class FragmentStack:
     """Same-geometry local fragments of one chunk. ``s`` (B, L) holds the squared gradients S = G∘G,
     which is all the Sinkhorn rounds read, in ``stats_dtype``; at the end the update r∘G∘c is either
-    written straight into fp32 weights by one fused kernel (``scaled_update_``) or materialised in fp32
-    (``finalize``) for the generic apply.
+    written straight into fp32 weights by the fused kernel (``fused_items``: one launch a chunk) or
+    materialised in fp32 (``finalize``) for the generic apply.
 
     Why squares and scale vectors: the iterate r_i G_ij c_j is never materialised during the rounds.
     A row's norm is sqrt(Σ_j S_ij c_j²) and a column's sqrt(Σ_i r_i² S_ij): batched mat-vecs that read
