@@ -25,6 +25,7 @@ offsets.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Sequence
@@ -41,12 +42,20 @@ BLOCK = 2048
 
 
 def available(device: torch.device) -> bool:
-    """Whether the fused kernels run for tensors on ``device``: CUDA with Triton; also the CPU under
-    Triton's debugging interpreter (``TRITON_INTERPRET=1`` before the import), which is how the tests
-    check them without a GPU."""
+    """Whether the fused kernels run for tensors on ``device``: a CUDA GPU Triton supports (compute
+    capability 7.0+); also the CPU under Triton's debugging interpreter (``TRITON_INTERPRET=1`` before
+    the import), which is how the tests check them without a GPU."""
     if triton is None:
         return False
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _triton_capable(device.index if device.index is not None else torch.cuda.current_device())
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (7, 0)
 
 
 if triton is not None:
