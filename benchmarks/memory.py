@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import math
 import os
@@ -455,6 +456,10 @@ def reanalyse(path: Path) -> str:
     return table(data["rows"], data["world"])
 
 
+def chart_title(meta: dict) -> str:
+    return f"{meta['model']}, {meta['world']} x {meta['device']}, seq {meta['seq']}, mb {meta['micro_batch']}"
+
+
 MERGE_KEYS = ("device", "world", "model", "seq", "micro_batch", "steps", "adamw_impl")
 
 
@@ -474,16 +479,14 @@ def merge(paths: list[Path], out: Path) -> str:
             key = (r["backend"], r["ckpt"], r["optimizer"])
             if r.get("ok") or key not in rows:
                 rows[key] = r
-    order = {(b, c, o): i for i, (b, c, o) in enumerate(
-        (b, c, o) for b in BACKENDS for c in (False, True) for o in OPTIMIZERS)}
+    order = {key: i for i, key in enumerate(itertools.product(BACKENDS, (False, True), OPTIMIZERS))}
     merged = sorted(rows.values(), key=lambda r: order.get((r["backend"], r["ckpt"], r["optimizer"]), 10**6))
     add_ratios(merged)
     meta = {k: v for k, v in first.items() if k != "rows"}
     meta["merged_from"] = [{"file": Path(p).name, "argv": d.get("argv"), "started": d.get("started")}
                            for p, d in zip(paths, files)]
     out.write_text(json.dumps({**meta, "rows": merged}, indent=1))
-    title = f"{first['model']}, {first['world']} x {first['device']}, seq {first['seq']}, mb {first['micro_batch']}"
-    plot(merged, out.with_suffix(".png"), title)
+    plot(merged, out.with_suffix(".png"), chart_title(first))
     return table(merged, first["world"])
 
 
@@ -570,8 +573,7 @@ def main(argv=None) -> int:
         meta["elapsed_s"] = time.monotonic() - start
         with open(json_path, "w") as f:
             json.dump({**meta, "rows": rows}, f, indent=1)
-        title = f"{args.model}, {world} x {device_name}, seq {args.seq}, mb {args.micro_batch}"
-        wrote = plot(rows, png_path, title)
+        wrote = plot(rows, png_path, chart_title(meta))
         print(f"wrote {json_path}" + (f" and {png_path}" if wrote else " (no matplotlib: no PNG)"), flush=True)
     failed = sum(1 for r in rows if not r.get("ok") and not r.get("error", "").startswith(("skipped", "OOM")))
     dist.barrier()

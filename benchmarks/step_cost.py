@@ -224,29 +224,36 @@ def real_gradient_errors(preset: str, device) -> dict:
 
 def device_check(device) -> dict:
     """One step of each optimizer on the device vs on the CPU from the same weights and gradients:
-    max |update difference| / max |CPU update|. The defaults differ by device where a cheaper
-    precision is the CUDA default (SWAN's bf16 whitening, SinkGD's bf16 statistics) and CUDA runs the
-    fused kernels; so each is compared as users get it ("swan", "sinkgd", "sgdsai": CUDA default vs CPU
-    default, the cost of the CUDA defaults) and at one precision on both sides ("swan_fp32" and
-    "sinkgd_fp32": the kernels alone; "swan_bf16": tensor cores vs the CPU's bf16 emulation)."""
+    max |update difference| / max |device update|, per tensor, max over tensors. The defaults differ
+    by device where a cheaper precision is the CUDA default (SWAN's bf16 whitening, SinkGD's bf16
+    statistics) and CUDA runs the fused kernels; so each is compared as users get it ("swan",
+    "sinkgd", "sgdsai": CUDA default vs CPU default, the cost of the CUDA defaults) and at one
+    precision on both sides ("swan_fp32" and "sinkgd_fp32": the kernels alone; "swan_bf16": tensor
+    cores vs the CPU's bf16 emulation)."""
     out = {}
-    shapes_m, shapes_f = [(48, 80), (80, 48), (64, 64)], [(100, 48), (48,)]
     for label, name, kw in (("swan", "swan", {}), ("swan_fp32", "swan", {"whitening_dtype": "float32"}),
                             ("swan_bf16", "swan", {"whitening_dtype": "bfloat16"}), ("sinkgd", "sinkgd", {}),
                             ("sinkgd_fp32", "sinkgd", {"stats_dtype": "float32"}), ("sgdsai", "sgdsai", {})):
-        updates = []
-        for dev in (torch.device("cpu"), device):
-            m, f = make_params(shapes_m, dev, torch.float32, 3), make_params(shapes_f, dev, torch.float32, 4)
-            before = [p.detach().double().cpu() for p in m + f]
-            try:
-                build(name, m, f, **kw).step()
-            except Exception as err:  # noqa: BLE001  (recorded; the other checks still run)
-                updates = f"{type(err).__name__}: {err}"
-                break
-            updates.append([p.detach().double().cpu() - b for p, b in zip(m + f, before)])
-        out[label] = updates if isinstance(updates, str) else max(
-            float((a - b).abs().max() / b.abs().max()) for a, b in zip(*updates))
+        try:
+            cpu, dev = (one_step_update(name, kw, d) for d in (torch.device("cpu"), device))
+            out[label] = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(cpu, dev))
+        except Exception as err:  # noqa: BLE001  (recorded; the other checks still run)
+            out[label] = f"{type(err).__name__}: {err}"
     return out
+
+
+def one_step_update(name: str, kw: dict, device) -> list[torch.Tensor]:
+    """The update (W_1 - W_0, float64 on the CPU) of one step of ``name`` on the device-check set."""
+    m = make_params([(48, 80), (80, 48), (64, 64)], device, torch.float32, 3)
+    f = make_params([(100, 48), (48,)], device, torch.float32, 4)
+    before = [p.detach().double().cpu() for p in m + f]
+    build(name, m, f, **kw).step()
+    return [p.detach().double().cpu() - b for p, b in zip(m + f, before)]
+
+
+def variant_label(name: str, kw: dict) -> str:
+    """``swan[whiten_batch_mb=1024]``: the optimizer and the settings that differ from its defaults."""
+    return name + ("[" + ",".join(f"{k}={v}" for k, v in kw.items()) + "]" if kw else "")
 
 
 def parse_variants(spec: str, default_name: str = "swan") -> list[tuple[str, dict]]:
@@ -326,10 +333,11 @@ def distributed_whitening(args) -> None:
         opt = build(name, m, f, replicate_group=True, **kw)
         dist.barrier()
         ms = time_step(opt, device, iters=args.iters)
-        sent = opt.bytes_sent() / max(1, args.iters + 2)
+        before = opt.bytes_sent()
+        opt.step()
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, {"ms": ms, "bytes_sent_per_step": sent})
-        label = name + ("[" + ",".join(f"{k}={v}" for k, v in kw.items()) + "]" if kw else "")
+        dist.all_gather_object(per_rank, {"ms": ms, "bytes_sent_per_step": opt.bytes_sent() - before})
+        label = variant_label(name, kw)
         rows.append({"optimizer": label, "per_rank": per_rank, "ms_max": max(r["ms"] for r in per_rank)})
         if rank == 0:
             print(f"{label:>12} world {world}: " + ", ".join(f"{r['ms']:.1f}" for r in per_rank) + " ms per rank",
@@ -387,7 +395,7 @@ def main() -> None:
     for name, kw in runs:
         if name == "muon" and not hasattr(torch.optim, "Muon"):
             continue
-        label = name + ("[" + ",".join(f"{k}={v}" for k, v in kw.items()) + "]" if kw else "")
+        label = variant_label(name, kw)
         m = make_params(matrices, device, dtype, on_device=True)
         f = make_params(fallback, device, dtype, 1, on_device=True)
         try:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from itertools import accumulate
 from typing import Callable, Sequence
@@ -115,19 +116,16 @@ class FragmentStack:
     def finalize(self, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
         """The update r∘G∘c in fp32 (B, L), read from the (untouched) gradients (S's memory is reused
         when S is fp32)."""
-        x = self.s if self.s.dtype == torch.float32 else None
+        x, shape = self.s, self.s.shape
         self.s = None  # a bf16 S is freed before x is allocated: the peak stays one fp32 copy
-        if x is None:
-            x = torch.empty((len(self.frags), self.parts_numel()), dtype=torch.float32, device=row_scale.device)
+        if x.dtype != torch.float32:
+            del x
+            x = torch.empty(shape, dtype=torch.float32, device=row_scale.device)
         for row, f in zip(x, self.frags):
             row.copy_(f.grad.reshape(-1))
         for view, rows, cols in self._views(x):
             view.mul_(row_scale[rows].unsqueeze(-1)).mul_(col_scale[cols].unsqueeze(-2))
         return x
-
-    def parts_numel(self) -> int:
-        start, end = self.frags[0].local_range
-        return end - start
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -140,17 +138,13 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b).float()
 
 
-_BMM_OUT_DTYPE: list[bool] = []
-
-
+@functools.cache
 def _has_bmm_out_dtype() -> bool:
-    if not _BMM_OUT_DTYPE:
-        try:
-            x = torch.ones(1, 1, 1, dtype=torch.bfloat16, device="cuda")
-            _BMM_OUT_DTYPE.append(torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32)
-        except (TypeError, RuntimeError):
-            _BMM_OUT_DTYPE.append(False)
-    return _BMM_OUT_DTYPE[0]
+    try:
+        x = torch.ones(1, 1, 1, dtype=torch.bfloat16, device="cuda")
+        return torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
 
 
 class StackGeometry:

@@ -136,8 +136,8 @@ class SinkGDConfig(_MatrixRuleConfig):
     )
     fused: bool = Field(
         True,
-        description="write r*G*c into fp32 weights with one fused Triton kernel on CUDA (where Triton "
-        "imports); False: the tensor-op path",
+        description="write r*G*c into fp32 weights with a fused Triton kernel on CUDA (one launch a chunk, "
+        "where Triton imports); False: the tensor-op path",
     )
 
 
@@ -153,8 +153,8 @@ class SGDSaIConfig(_Strict):
     )
     fused: bool = Field(
         True,
-        description="fp32 weights: one fused kernel per weight (Triton on CUDA, else torch's fused SGD "
-        "kernel plus a decay pass); False: the tensor-op path",
+        description="fp32 weights: fused kernels (on CUDA one Triton launch for all weights, decay "
+        "included; elsewhere torch's fused SGD kernel per weight plus a decay pass); False: the tensor-op path",
     )
     stochastic_rounding: bool = Field(
         True, description="round low-precision (bf16/fp16) weights stochastically so small updates survive"

@@ -148,22 +148,29 @@ def _table(rows: list[list[int]], dtype: torch.dtype, device: torch.device) -> t
 
 
 def _search_steps(count: int) -> int:
-    return max(1, math.ceil(math.log2(count)) + 1) if count > 1 else 1
+    return math.ceil(math.log2(count)) + 1 if count > 1 else 1
+
+
+def _prepare(items: Sequence[tuple], n_tensors: int) -> tuple[list[tuple], list[list[int]], int]:
+    """Drop empty items, check their first ``n_tensors`` entries (the tensors, numel from the second)
+    and lay out the table rows both kernels start with: each tensor's address, then numel and first
+    block per item. Returns (items, rows, total blocks)."""
+    items = [it for it in items if it[1].numel()]
+    for it in items:
+        _check(*it[:n_tensors])
+    numels = [it[1].numel() for it in items]
+    starts, total = _blocks(numels)
+    return items, [[it[k].data_ptr() for it in items] for k in range(n_tensors)] + [numels, starts], total
 
 
 def sgd_sai_step_(items: Sequence[tuple], *, decay: float, mu: float) -> None:
     """The SGD-SaI step of weight fragments ``(param, grad, momentum, lr * scale, first)`` in place,
     all in one launch (tensors of equal numel per item, contiguous fp32, one device)."""
-    items = [it for it in items if it[1].numel()]
+    items, rows, total = _prepare(items, 3)
     if not items:
         return
-    for p, g, m, *_ in items:
-        _check(p, g, m)
     device = items[0][0].device
-    starts, total = _blocks([g.numel() for _, g, *_ in items])
-    itab = _table([[p.data_ptr() for p, *_ in items], [g.data_ptr() for _, g, *_ in items],
-                   [m.data_ptr() for _, _, m, *_ in items], [g.numel() for _, g, *_ in items], starts,
-                   [int(bool(first)) for *_, first in items]], torch.int64, device)
+    itab = _table(rows + [[int(bool(first)) for *_, first in items]], torch.int64, device)
     ftab = _table([[float(scale) for *_, scale, _ in items]], torch.float32, device)
     _sgd_sai_kernel[(total,)](itab, ftab, len(items), float(decay), float(mu), SEARCH=_search_steps(len(items)),
                               BLOCK_SIZE=BLOCK)
@@ -173,17 +180,11 @@ def row_col_scaled_update_(items: Sequence[tuple], *, lr: float, decay: float) -
     """p <- decay p - lr r∘G∘c in place for fragments ``(param, grad, row_scale, col_scale, start, n)``:
     the flat range [start, start + numel) of an m x n matrix, whose own scale vectors are ``row_scale``
     (m,) and ``col_scale`` (n,); all in one launch."""
-    items = [it for it in items if it[1].numel()]
+    items, rows, total = _prepare(items, 4)
     if not items:
         return
-    for p, g, r, c, *_ in items:
-        _check(p, g, r, c)
-    device = items[0][0].device
-    numels = [g.numel() for _, g, *_ in items]
-    starts, total = _blocks(numels)
-    itab = _table([[p.data_ptr() for p, *_ in items], [g.data_ptr() for _, g, *_ in items],
-                   [r.data_ptr() for _, _, r, *_ in items], [c.data_ptr() for _, _, _, c, *_ in items],
-                   numels, starts, [int(s) for *_, s, _ in items], [int(n) for *_, n in items]], torch.int64, device)
-    wide = any(s + n + BLOCK >= 2**31 for (*_, s, _), n in zip(items, numels))
+    itab = _table(rows + [[int(s) for *_, s, _ in items], [int(n) for *_, n in items]], torch.int64,
+                  items[0][0].device)
+    wide = any(start + g.numel() + BLOCK >= 2**31 for _, g, _, _, start, _ in items)  # positions past int32
     _row_col_kernel[(total,)](itab, len(items), float(lr), float(decay), WIDE=wide,
                               SEARCH=_search_steps(len(items)), BLOCK_SIZE=BLOCK)

@@ -165,6 +165,15 @@ DEFAULT_STEPS = {
 PE_LOWER = 1e-2
 
 
+def matmul_precision(name: str, device: torch.device) -> str:
+    """``"auto"`` -> "bfloat16" on CUDA (tensor cores, half the bytes) and "float32" elsewhere (a CPU
+    gains nothing from bf16 matmuls); other names pass through. Shared by SWAN's Polar Express and
+    SinkGD's statistics."""
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return name
+
+
 def whitening_plan(
     method: str, ns_steps: int | None, whitening_dtype: str, device: torch.device
 ) -> tuple[int, str]:
@@ -172,9 +181,7 @@ def whitening_plan(
     Express on CUDA (tensor cores) and float32 elsewhere (a CPU gains nothing from bf16 matmuls);
     Newton-Schulz and eigh always run in fp32; ``ns_steps=None`` takes ``DEFAULT_STEPS``."""
     if method == "polar_express":
-        dtype = whitening_dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        dtype = matmul_precision(whitening_dtype, device)
     else:
         if whitening_dtype == "bfloat16":
             raise ValueError(f"whitening_dtype='bfloat16' needs whitening='polar_express', got {method!r}")

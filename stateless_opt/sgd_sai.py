@@ -129,18 +129,18 @@ def _fusable(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, mu: float) -> 
 
 
 def _fused_fp32_step(frags: list, mu: float, lr: float, weight_decay: float) -> None:
-    """The SGD-SaI step of fp32 fragments ``(param, grad, buf, scale, first)``. On CUDA with Triton:
-    ``kernels.sgd_sai_step_``, one pass and one launch for all fragments. Elsewhere: p <- (1 - lr*wd) p, then torch's fused SGD kernel (``torch._fused_sgd_``), one call per fragment
-    since each has its own lr * scale, with its decay off and dampening = mu: m = mu m + (1 - mu) g,
-    or m = g where ``is_first_step`` (a weight's first step), then p <- p - lr * scale * m.
+    """The SGD-SaI step of fp32 fragments ``(param, grad, buf, scale, first)``: m = mu m + (1 - mu) g,
+    or m = g where ``first`` (a weight's first step), then p <- (1 - lr*wd) p - lr * scale * m.
 
-    Traffic: the kernel reads p, g, m and writes p, m (20 bytes a parameter); the decay reads and
-    writes p (8 more) when wd != 0. The generic path: 40. The decay stays a pass of its own: the
-    kernel's decay is coupled (added to g before the momentum). Folding it in (m by one lerp pass,
-    then the momentum-free kernel on m with coupled decay wd / scale: 24 bytes) rounds W once
-    instead of twice: closer to float64, but off the official fp32 trajectory by more than
+    On CUDA with Triton: ``kernels.sgd_sai_step_``, one pass (reads p, g, m, writes p, m: 20 bytes a
+    parameter, decay included) and one launch for all fragments. Elsewhere: the decay as a pass of
+    its own (8 bytes), then torch's fused SGD kernel (``torch._fused_sgd_``, 20 bytes), one call per
+    fragment since each has its own lr * scale, with its decay off and dampening = mu. The kernel's
+    decay is coupled (added to g before the momentum), hence the separate pass. Folding it in (m by
+    one lerp pass, then the momentum-free kernel on m with coupled decay wd / scale: 24 bytes) rounds
+    W once instead of twice: closer to float64, but off the official fp32 trajectory by more than
     tests/test_sgd_sai_official.py allows; so W is rounded as the official does: W * (1 - lr*wd),
-    then the update."""
+    then the update. The generic path: 40 bytes."""
     if not frags:
         return
     decay = 1.0 - lr * weight_decay

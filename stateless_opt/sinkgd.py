@@ -17,6 +17,7 @@ import torch
 from .batching import chunks, matrix_bytes, normalize_rows_cols
 from .config import SinkGDConfig
 from .matrix_rule import MatrixRuleOptimizer
+from .polar import matmul_precision
 
 
 class SinkGD(MatrixRuleOptimizer):
@@ -38,18 +39,11 @@ class SinkGD(MatrixRuleOptimizer):
         budget = int(group["chunk_mb"] * 2**20) * comm.world
         device = frags[0].grad.device
         fused = (lr, 1.0 - lr * group["weight_decay"]) if group["fused"] else None
+        # "auto": bf16 squared gradients on CUDA, half the bytes of the 2L passes that dominate the step
+        stats = getattr(torch, matmul_precision(group["stats_dtype"], device))
         for idx in chunks(frags, matrix_bytes, budget):
             normalize_rows_cols(
                 [frags[i] for i in idx], comm, iterations=group["iterations"], eps=group["eps"], columns=True,
                 apply=lambda fs, x: self._apply_fragments(group, fs, x.unbind(0), lr),
-                device=device, stats_dtype=stats_dtype(group["stats_dtype"], device), fused_update=fused,
-                cache=self.geometry_cache,
+                device=device, stats_dtype=stats, fused_update=fused, cache=self.geometry_cache,
             )
-
-
-def stats_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``"auto"``: bf16 squared gradients on CUDA (half the bytes of the 2L passes that dominate the
-    step; ~1e-4 relative on the row/column norms), fp32 elsewhere (the CPU has no fast bf16 matmul)."""
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]

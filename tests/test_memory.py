@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 import stateless_opt as so
-from dist_harness import Registry, default_device_type
+from dist_harness import Registry, default_device_type, free_port
 from models import TinyNet
 from stateless_opt.memory import (
     BACKENDS, FORMULA_MARKDOWN, format_table, human, memory_report, predict, state_bytes_per_param,
@@ -512,7 +512,7 @@ def test_benchmark_teardown_releases_a_zero3_engine():
     root = Path(__file__).parents[1]
     code = textwrap.dedent(f"""
         import gc, os, sys, weakref
-        os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str({_free_port()}),
+        os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str({free_port()}),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         sys.path.insert(0, {str(root / "benchmarks")!r})
         import torch, torch.distributed as dist
@@ -535,8 +535,3 @@ def test_benchmark_teardown_releases_a_zero3_engine():
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("RELEASED") == 2, out.stdout[-2000:]
 
-
-def _free_port() -> int:
-    from dist_harness import free_port
-
-    return free_port()

@@ -563,4 +563,5 @@ def test_sinkgd_bf16_statistics(shape):
     s = (96, 200) if shape == "large" else MATRIX_SHAPES[shape]
     err = matrix_run_fp32(SinkGD, s, R.sinkgd_update, stats_dtype="bfloat16")
     assert err < 1e-2, err
+    assert err > FP32_TOL, "bf16 statistics must show their rounding: the setting has to reach the rounds"
     assert matrix_run_fp32(SinkGD, s, R.sinkgd_update, stats_dtype="float32") < FP32_TOL
