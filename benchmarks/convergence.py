@@ -228,7 +228,7 @@ def tokens_to_reach(curve: list[tuple[int, int, float]], target: float) -> float
 
 
 def analyse(results: list[dict], runs_dir: Path) -> dict:
-    from stateless_opt.config import CONFIGS
+    from stateless_opt import registry
 
     curves = {}
     for r in results:
@@ -239,6 +239,7 @@ def analyse(results: list[dict], runs_dir: Path) -> dict:
         best = best_lr(results, opt)
         if best is None:
             continue
+        spec = registry.find(opt)  # None for the AdamW baseline
         tried = sorted({r["lr"] for r in results if r["optimizer"] == opt and _attempted(r)})
         finals = [r for r in results if r["optimizer"] == opt and r["lr"] == best and r.get("status") == "ok"]
         losses = [r["final_val_loss"] for r in finals]
@@ -249,7 +250,7 @@ def analyse(results: list[dict], runs_dir: Path) -> dict:
                                   "status": [r["status"][:80] for r in rs], "seeds": [r["seed"] for r in rs]}
         out["optimizers"][opt] = {
             "best_lr": best,
-            "fallback_lr": best * CONFIGS[opt]().fallback_lr_ratio if opt in ("swan", "sinkgd") else None,
+            "fallback_lr": best * spec.config().fallback_lr_ratio if spec and spec.splits_rules else None,
             "lrs_tried": tried,
             "best_strictly_inside_grid": tried[0] < best < tried[-1],
             "seeds_at_best": [r["seed"] for r in finals],

@@ -26,9 +26,7 @@ import time
 import torch
 
 from stateless_opt import SGDSaI, SinkGD, SWAN
-from stateless_opt.ops import swan_direction
-from stateless_opt.owners import whitening_flops
-from stateless_opt.polar import whitening_plan
+from stateless_opt.swan import swan_direction, whitening_flops, whitening_plan
 
 # (layers, hidden, intermediate, vocab) following the GaLore/C4 LLaMA family.
 PRESETS = {

@@ -2,13 +2,14 @@
 
 ``import stateless_opt.integrations.deepspeed`` (or ``register()``, idempotent) makes
 ``deepspeed.initialize`` accept ``"optimizer": {"type": "SWAN" | "SinkGD" | "SGDSaI", "params": {...}}``
-(any case; ``"params"`` validated by the same pydantic models as the constructors, so a bad key or
-type names the field), and attaches a *layout provider* to our optimizer whenever an engine is built
-with one of ours, through any door (JSON type, ``optimizer=`` instance, ``optimizer=`` callable).
+(any registered name or alias, any case, read from ``stateless_opt.registry``; ``"params"`` validated by
+the same pydantic models as the constructors, so a bad key or type names the field), and puts a
+``DeepSpeedLayout`` first in our optimizer's ``layouts`` whenever an engine is built with one of ours,
+through any door (JSON type, ``optimizer=`` instance, ``optimizer=`` callable).
 
 The layout turns what ZeRO hands the base optimizer (one flat fp32 tensor per param group, or per
 ZeRO-3 sub-group) into ``WeightShard``s of every weight of that flat tensor, with every DP rank's
-range, over DeepSpeed's data-parallel process group:
+flat range, over DeepSpeed's data-parallel process group:
 
 * ZeRO-1/2 (``DeepSpeedZeroOptimizer``): the group's flat buffer is laid out in
   ``round_robin_bit16_groups`` order at ``round_robin_bit16_offsets`` and cut into equal partitions
@@ -24,8 +25,10 @@ range, over DeepSpeed's data-parallel process group:
   and zeroed (weight and gradient) before every step.
 
 The matrix/fallback rule of each group is known from our param groups (JSON door: classified from the
-engine's module and true shapes, ``ds_shape`` under ``zero.Init``), and each group's ``_shapes`` is set
-from DeepSpeed's view so ``rule_counts()`` works after ZeRO replaced the parameters.
+engine's module and true shapes, ``ds_shape`` under ``zero.Init``).
+
+``ZeroMemory`` tells ``stateless_opt.memory_report`` where a ZeRO engine keeps its partitions, masters
+and gradient buffers (the report's ``EngineView``; registered on import).
 
 DeepSpeed versions: the patch and the layouts read DeepSpeed internals, so they are version-checked:
 ``SUPPORTED`` is the accepted range, ``VERIFIED`` the versions the test-suite ran on. Outside the range
@@ -44,13 +47,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from stateless_opt.base import StatelessOptimizer, true_shape
+from stateless_opt import memory, registry
 from stateless_opt.config import validate
-from stateless_opt.fragments import WeightShard
 from stateless_opt.grouping import fallback_weights
-from stateless_opt.sgd_sai import SGDSaI
-from stateless_opt.sinkgd import SinkGD
-from stateless_opt.swan import SWAN
+from stateless_opt.layouts import FlatRange, WeightShard, true_shape
+from stateless_opt.memory import StateUnit
+from stateless_opt.optimizer import StatelessOptimizer
 
 log = logging.getLogger("stateless_opt.deepspeed")
 
@@ -60,15 +62,6 @@ log = logging.getLogger("stateless_opt.deepspeed")
 SUPPORTED = ("0.19.0", "0.20.0")
 VERIFIED = ("0.19.8",)
 UNVERIFIED_ENV = "STATELESS_OPT_DEEPSPEED_UNVERIFIED"
-
-# JSON "type" (lower-cased) -> class. Aliases accept the spellings people write.
-OPTIMIZERS: dict[str, type[StatelessOptimizer]] = {
-    "swan": SWAN,
-    "sinkgd": SinkGD,
-    "sgdsai": SGDSaI,
-    "sgd_sai": SGDSaI,
-    "sgd-sai": SGDSaI,
-}
 
 _MARK = "_stateless_opt_originals"  # attribute on DeepSpeedEngine holding the unpatched methods
 PREFIX = "stateless_opt + DeepSpeed: "
@@ -109,8 +102,9 @@ def check_version(version: str | None = None) -> str:
 
 
 def lookup(name: Any) -> type[StatelessOptimizer] | None:
-    """Our class for a DeepSpeed ``optimizer.type`` (case-insensitive), else None."""
-    return OPTIMIZERS.get(name.lower()) if isinstance(name, str) else None
+    """Our class for a DeepSpeed ``optimizer.type`` (a registered name or alias, any case), else None."""
+    spec = registry.find(name) if isinstance(name, str) else None
+    return spec.cls if spec is not None else None
 
 
 def register() -> None:
@@ -118,8 +112,8 @@ def register() -> None:
 
     * ``_is_supported_optimizer``: our names pass DeepSpeed's sanity check, any case;
     * ``_configure_basic_optimizer``: builds ours from the JSON ``params`` (validated, fields named);
-    * ``_configure_optimizer``: refuses configurations our layouts do not cover, and attaches the
-      layout provider to our optimizer once DeepSpeed has built its ZeRO wrapper (all doors).
+    * ``_configure_optimizer``: refuses configurations our layouts do not cover, and puts the layout
+      first in our optimizer's ``layouts`` once DeepSpeed has built its ZeRO wrapper (all doors).
     """
     from deepspeed.runtime.engine import DeepSpeedEngine as E
 
@@ -171,7 +165,7 @@ def register() -> None:
     E._configure_basic_optimizer = _configure_basic_optimizer
     E._configure_optimizer = _configure_optimizer
     setattr(E, _MARK, originals)
-    log.debug("registered SWAN/SinkGD/SGDSaI with DeepSpeedEngine")
+    log.debug("registered %s with DeepSpeedEngine", ", ".join(registry.OPTIMIZERS))
 
 
 def unregister() -> None:
@@ -317,10 +311,11 @@ def check_engine(engine, cls: type, *, client: bool) -> None:
                 "in the DeepSpeed config (DeepSpeed otherwise insists on DeepSpeedCPUAdam; "
                 f"{name} runs on the offloaded CPU partition as it is)"
             )
-    if stage in (1, 2) and getattr(zcfg, "elastic_checkpoint", False) and cls is SGDSaI:
+    if stage in (1, 2) and getattr(zcfg, "elastic_checkpoint", False) and cls.host_state:
         raise ValueError(
             f"{PREFIX}zero_optimization.elastic_checkpoint trims every state tensor as if it were flat-shaped, "
-            "which would corrupt SGDSaI's per-weight scales; set elastic_checkpoint to false"
+            f"which would corrupt {name}'s per-weight state ({', '.join(sorted(cls.host_state))}); set "
+            "elastic_checkpoint to false"
         )
 
 
@@ -330,7 +325,7 @@ class _Weight:
     param: torch.Tensor  # the model's (low-precision) parameter
     key: tuple  # (DeepSpeed group index, weight index in that group): equal on every rank
     shape: tuple[int, ...]
-    ranges: list[tuple[int, int]]  # per rank, flat range of the weight; (0, 0) if the rank holds none
+    ranges: list[FlatRange]  # per rank, flat range of the weight; (0, 0) if the rank holds none
     local: int  # where this rank's piece starts in its flat tensor
     pad: tuple[int, int] | None = None  # local padding after the piece (ZeRO-3): masked
 
@@ -364,7 +359,7 @@ def _partitioned(params, shapes, offsets, keys, ps: int, world: int, me: int) ->
         ranges = []
         for r in range(world):
             s, e = max(off, r * ps), min(off + n, (r + 1) * ps)
-            ranges.append((s - off, e - off) if s < e else (0, 0))
+            ranges.append(FlatRange(s - off, e - off) if s < e else FlatRange(0, 0))
         s, e = ranges[me]
         local = off + s - me * ps if e > s else 0
         out.append(_Weight(p, key, tuple(shape), ranges, local))
@@ -376,8 +371,9 @@ def _pg_info(pg) -> tuple[int, int]:
 
 
 class DeepSpeedLayout:
-    """Layout provider for a DeepSpeed ZeRO wrapper (see the module docstring). Resolved at ``step()``
-    time from the flat tensor handed over (looked up by identity), never cached across engines."""
+    """The layout of a DeepSpeed ZeRO wrapper's flat partitions (see the module docstring), first in
+    the optimizer's ``layouts`` once attached: every tensor the optimizer is stepped on is one of them.
+    Resolved at ``step()`` time from the flat tensor handed over (looked up by identity)."""
 
     def __init__(self, wrapper, kind: str):
         self.wrapper = wrapper
@@ -450,7 +446,8 @@ class DeepSpeedLayout:
             weights, off = [], 0
             for p in params:
                 pn, numel = int(p.partition_numel()), int(p.ds_numel)
-                ranges = [(r * pn, min((r + 1) * pn, numel)) if r * pn < numel else (0, 0) for r in range(world)]
+                ranges = [FlatRange(r * pn, min((r + 1) * pn, numel)) if r * pn < numel else FlatRange(0, 0)
+                          for r in range(world)]
                 s0, e0 = ranges[me]
                 valid = e0 - s0
                 j = count.get(gid, 0)
@@ -463,7 +460,7 @@ class DeepSpeedLayout:
             units.append(_Unit(flat, weights, pg, me, world, gid))
         return units
 
-    # -- the Layout protocol
+    # -- the Layout protocol (stateless_opt.layouts)
     def unit(self, tensor: torch.Tensor) -> _Unit:
         u = self._units.get(id(tensor))
         if u is None or u.tensor is not tensor:
@@ -476,7 +473,7 @@ class DeepSpeedLayout:
                 )
         return u
 
-    def shards(self, tensor: torch.Tensor, group_index: int, position: int) -> list[WeightShard]:
+    def shards(self, tensor: torch.Tensor, group: dict, key: tuple) -> list[WeightShard]:
         u = self.unit(tensor)
         grad, data = tensor.grad.view(-1), tensor.data.view(-1)
         out = []
@@ -487,9 +484,9 @@ class DeepSpeedLayout:
             s, e = w.ranges[u.rank]
             out.append(
                 WeightShard(
-                    key=w.key, shape=w.shape, ranges=w.ranges, rank=u.rank,
+                    key=w.key, shape=w.shape, extents=w.ranges, rank=u.rank,
                     grad=grad[w.local : w.local + e - s], param=data[w.local : w.local + e - s],
-                    group=u.group, replicated=False, unit_index=k, offset=w.local,
+                    group=u.group, row_groups=(u.group,), col_groups=(u.group,), unit_index=k, offset=w.local,
                 )
             )
         return out
@@ -502,13 +499,6 @@ class DeepSpeedLayout:
     def units(self) -> list[_Unit]:
         return list(self._units.values())
 
-    def group_shapes(self) -> dict[int, list[tuple[int, ...]]]:
-        """Base param-group index -> true shapes of its (trainable) weights, as DeepSpeed sees them."""
-        out: dict[int, list] = {}
-        for u in self._units.values():
-            out.setdefault(u.group_index, []).extend(w.shape for w in u.weights)
-        return out
-
 
 def _numel(shape) -> int:
     n = 1
@@ -517,64 +507,151 @@ def _numel(shape) -> int:
     return n
 
 
+def _classes(*paths: str) -> tuple[type, ...]:
+    """DeepSpeed classes by ``module:Name`` (those this version lacks are left out)."""
+    import importlib
+
+    out = []
+    for path in paths:
+        module, name = path.split(":")
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the DeepSpeed version
+            pass
+    return tuple(out)
+
+
+def wrapper_kind(wrapper) -> str | None:
+    """"zero3", "zero1/2" or "bf16" for DeepSpeed's partitioning wrappers; None for anything else (an
+    optimizer itself, or FP16_UnfusedOptimizer's whole fp32 copies)."""
+    if isinstance(wrapper, _classes("deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3")):
+        return "zero3"
+    if isinstance(wrapper, _classes("deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer")):
+        return "zero1/2"
+    if isinstance(wrapper, _classes("deepspeed.runtime.bf16_optimizer:BF16_Optimizer")):
+        return "bf16"
+    return None
+
+
 def attach(engine) -> DeepSpeedLayout | None:
-    """Attach the layout of ``engine``'s ZeRO wrapper to its base optimizer (ours). Called by the
-    patched ``_configure_optimizer``; safe to call again."""
+    """Put the layout of ``engine``'s ZeRO wrapper first in its base optimizer's (ours) ``layouts``.
+    Called by the patched ``_configure_optimizer``; safe to call again."""
     opt = engine.basic_optimizer
     wrapper = engine.optimizer
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    kind = None
-    try:
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    except ImportError:  # pragma: no cover
-        DeepSpeedZeroOptimizer_Stage3 = ()
-    try:
-        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    except ImportError:  # pragma: no cover
-        BF16_Optimizer = ()
-    cls_name = type(wrapper).__name__
-    if "MiCS" in cls_name or "ZenFlow" in cls_name or "SuperOffload" in cls_name:
-        raise ValueError(f"{PREFIX}{cls_name} is not supported with {type(opt).__name__}")
-    try:
-        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    except ImportError:  # pragma: no cover
-        FP16_UnfusedOptimizer = ()
-    if wrapper is opt or isinstance(wrapper, FP16_UnfusedOptimizer):
+    unsupported = _classes("deepspeed.runtime.zero.mics:MiCS_Optimizer",
+                           "deepspeed.runtime.zenflow.zenflow_stage_1_and_2:ZenFlowZeroOptimizer",
+                           "deepspeed.runtime.superoffload.superoffload_stage3:SuperOffloadOptimizer_Stage3")
+    if isinstance(wrapper, unsupported):
+        raise ValueError(f"{PREFIX}{type(wrapper).__name__} is not supported with {type(opt).__name__}")
+    if wrapper is opt or isinstance(wrapper, _classes("deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer")):
         # No ZeRO (fp32, or bf16/fp16 through FP16_UnfusedOptimizer's per-weight fp32 copies): the engine
         # all-reduces whole gradients (DDP-like), so every rank holds every weight: replicated layout.
         group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             opt.replicate_group = group
-        opt.layout_provider = None
+        opt.layouts = [lay for lay in opt.layouts if not isinstance(lay, DeepSpeedLayout)]
         return None
-    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        kind = "zero3"
-    elif isinstance(wrapper, DeepSpeedZeroOptimizer):
-        kind = "zero1/2"
-    elif isinstance(wrapper, BF16_Optimizer):
-        kind = "bf16"
-    else:
+    kind = wrapper_kind(wrapper)
+    if kind is None:
         raise ValueError(
-            f"{PREFIX}DeepSpeed wrapped {type(opt).__name__} in {cls_name}, which has no layout here (supported: "
-            "ZeRO stage 1/2/3, BF16_Optimizer, and no ZeRO with fp32 or FP16_UnfusedOptimizer)"
+            f"{PREFIX}DeepSpeed wrapped {type(opt).__name__} in {type(wrapper).__name__}, which has no layout here "
+            "(supported: ZeRO stage 1/2/3, BF16_Optimizer, and no ZeRO with fp32 or FP16_UnfusedOptimizer)"
         )
     layout = DeepSpeedLayout(wrapper, kind)
-    for gi, shapes in layout.group_shapes().items():
-        opt.param_groups[gi]["_shapes"] = shapes
-    opt.layout_provider = layout
+    opt.add_layout(layout)
     return layout
 
 
 def layout_of(engine_or_optimizer) -> DeepSpeedLayout | None:
     """The layout attached to an engine's (or an optimizer's) stateless_opt optimizer."""
     opt = getattr(engine_or_optimizer, "basic_optimizer", engine_or_optimizer)
-    return getattr(opt, "layout_provider", None)
+    return next((lay for lay in getattr(opt, "layouts", ()) if isinstance(lay, DeepSpeedLayout)), None)
 
+
+
+# ----------------------------------------------------------------------------------- memory report
+class ZeroMemory:
+    """``stateless_opt.memory.EngineView`` of a DeepSpeed engine (or ZeRO wrapper): where it keeps its
+    partitions, fp32 masters and gradient buffers, and which base optimizer steps which flat tensor."""
+
+    def __init__(self, module: torch.nn.Module, wrapper, kind: str | None):
+        self.module, self.wrapper, self.kind = module, wrapper, kind
+        self.optimizer = wrapper.optimizer if kind is not None else wrapper
+        initialized = dist.is_available() and dist.is_initialized()
+        if kind is None:  # an engine without ZeRO: every rank holds everything
+            self.backend, self.stage, self.shard = "zero0", 0, 1
+        else:
+            if kind == "zero3":
+                self.stage, self.backend = 3, "zero3"
+            elif kind == "bf16":
+                self.stage, self.backend = 1, "zero1-bf16"
+            else:
+                self.stage = 2 if getattr(wrapper, "partition_gradients", False) else 1
+                self.backend = f"zero{self.stage}"
+            pg = getattr(wrapper, "dp_process_group", None)
+            rpg = getattr(wrapper, "real_dp_process_group", None)
+            if rpg:
+                pg = rpg[0]
+            self.shard = dist.get_world_size(pg) if initialized else 1
+        self.offloaded = bool(getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "offload_optimizer", False))
+
+    def units(self) -> list[StateUnit]:
+        w, groups = self.wrapper, self.optimizer.param_groups
+        if self.kind == "zero1/2":
+            rr = getattr(w, "round_robin_bit16_groups", None) or getattr(w, "bit16_groups")
+            return [StateUnit(t, groups[i], len(rr[i])) for i, t in enumerate(w.single_partition_of_fp32_groups)]
+        if self.kind == "bf16":
+            return [StateUnit(t, groups[i], len(w.bf16_groups[i])) for i, t in enumerate(w.fp32_groups_flat_partition)]
+        if self.kind == "zero3":
+            return [StateUnit(t, groups[w.sub_group_to_group_id[s]], len(w.fp16_groups[s]))
+                    for s, t in enumerate(w.fp32_partitioned_groups_flat)]
+        return [StateUnit(p, g) for g in groups for p in g["params"]]
+
+    def param_tensors(self) -> list:
+        if self.kind == "zero3":  # each weight's partition (plus the persistent small weights, as parameters)
+            return [getattr(p, "ds_tensor", None) for p in self.module.parameters()]
+        return []
+
+    def master_tensors(self) -> list:
+        w = self.wrapper
+        return list({"zero1/2": getattr(w, "single_partition_of_fp32_groups", []),
+                     "zero3": getattr(w, "fp32_partitioned_groups_flat", []),
+                     "bf16": getattr(w, "fp32_groups_flat_partition", [])}.get(self.kind, []))
+
+    def grad_tensors(self) -> list:
+        if self.kind is None:
+            return []
+        w = self.wrapper
+        out = [getattr(w, "grads_in_partition", None), getattr(w, "grad_partitions_flat_buffer", None)]
+        out += list(getattr(w, "fp32_groups_gradients_flat", None) or [])
+        for v in (getattr(w, "averaged_gradients", None) or {}).values():
+            out += list(v) if isinstance(v, (list, tuple)) else [v]
+        return out
+
+    def state_model(self):
+        """DeepSpeed's own Adams keep AdamW's state (the report knows torch's and ours)."""
+        if isinstance(self.optimizer, _classes("deepspeed.ops.adam:FusedAdam", "deepspeed.ops.adam:DeepSpeedCPUAdam")):
+            return memory.BASELINES["adamw"]
+        return None
+
+
+def memory_view(model, optimizer) -> ZeroMemory | None:
+    """The ``memory.EngineView`` of a DeepSpeed engine (``model``) or ZeRO wrapper (``optimizer``)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    engine = model if isinstance(model, DeepSpeedEngine) else None
+    if engine is not None:
+        model, optimizer = engine.module, optimizer if optimizer is not None else engine.optimizer
+    kind = wrapper_kind(optimizer)
+    if kind is None and engine is None:
+        return None
+    return ZeroMemory(model, optimizer, kind)
 
 register()
+memory.register_engine(memory_view)
 
 __all__ = [
     "register", "unregister", "is_registered", "check_version", "lookup", "json_params", "json_groups",
-    "fill_auto", "attach", "layout_of", "DeepSpeedLayout", "SUPPORTED", "VERIFIED", "OPTIMIZERS",
+    "fill_auto", "attach", "layout_of", "DeepSpeedLayout", "ZeroMemory", "memory_view", "wrapper_kind", "SUPPORTED",
+    "VERIFIED",
 ]

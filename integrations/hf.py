@@ -26,27 +26,23 @@ from typing import Any
 
 from torch import nn
 
-from stateless_opt.base import StatelessOptimizer
+from stateless_opt import registry
 from stateless_opt.config import validate
 from stateless_opt.grouping import param_groups
-from stateless_opt.sgd_sai import SGDSaI
-from stateless_opt.sinkgd import SinkGD
-from stateless_opt.swan import SWAN
+from stateless_opt.optimizer import StatelessOptimizer
 
 PREFIX = "stateless_opt + HF Trainer: "
-OPTIMIZERS: dict[str, type[StatelessOptimizer]] = {"swan": SWAN, "sinkgd": SinkGD, "sgdsai": SGDSaI}
-_ALIASES = {"sgd_sai": "sgdsai", "sgd-sai": "sgdsai"}
 
 
 def optimizer_class(name: str | type) -> type[StatelessOptimizer]:
-    """Our class from a name such as ``"swan"``, ``"SinkGD"`` or ``"sgd-sai"`` (any case), or the class itself."""
+    """Our class from a registered name or alias such as ``"swan"``, ``"SinkGD"`` or ``"sgd-sai"`` (any
+    case; ``stateless_opt.registry``), or the class itself."""
     if isinstance(name, type) and issubclass(name, StatelessOptimizer):
         return name
-    key = str(name).lower()
-    cls = OPTIMIZERS.get(_ALIASES.get(key, key))
-    if cls is None:
-        raise ValueError(f"{PREFIX}unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    return cls
+    spec = registry.find(str(name))
+    if spec is None:
+        raise ValueError(f"{PREFIX}unknown optimizer {name!r}; choose one of {', '.join(registry.OPTIMIZERS)}")
+    return spec.cls
 
 
 def _refuse_fsdp1(model: nn.Module) -> None:
@@ -107,8 +103,9 @@ def stateless_optimizer(
     """
     cls = optimizer_class(name)
     validate(cls.config_cls, {"lr": lr, **hyper}, f"stateless_optimizer({name!r}) arguments")
+    spec = registry.find(cls)
     kwargs = dict(
-        optimizer=cls.__name__.lower(), lr=lr, fallback_weight_decay=fallback_weight_decay, batch_dims=batch_dims,
+        optimizer=spec.name if spec is not None else cls, lr=lr, fallback_weight_decay=fallback_weight_decay, batch_dims=batch_dims,
         replicate_group=replicate_group, **hyper,
     )
     return StatelessOptimizerFactory, kwargs
@@ -202,5 +199,5 @@ def deepspeed_config(config: str | Path | dict) -> dict:
 
 __all__ = [
     "stateless_optimizer", "StatelessOptimizerFactory", "deepspeed_config", "RequireStatelessOptimizer",
-    "find_stateless_optimizer", "optimizer_class", "OPTIMIZERS",
+    "find_stateless_optimizer", "optimizer_class",
 ]

@@ -4,9 +4,9 @@ Sections (each a pydantic model; unknown keys are errors that name the key):
 
 * ``model``      LLaMA shape (a preset plus optional overrides), dtype
 * ``data``       corpus, tokenizer vocab, sequence length, cache dir
-* ``optimizer``  ``name`` picks one of the sub-sections ``swan`` / ``sinkgd`` / ``sgdsai`` / ``adamw``;
-                 the first three ARE the library's own ``SWANConfig`` / ``SinkGDConfig`` /
-                 ``SGDSaIConfig``, so names, defaults and bounds are the library's, checked at load time
+* ``optimizer``  ``name`` picks one of the sub-sections: one per optimizer of ``stateless_opt.registry``
+                 (``swan`` / ``sinkgd`` / ``sgdsai``, each the library's own pydantic config, so names,
+                 defaults and bounds are the library's, checked at load time) and ``adamw``
 * ``training``   steps, batch, schedule (warm-up + cosine), evaluation and logging cadence, seed
 * ``checkpoint`` cadence, retention, resume
 * ``backend``    single | ddp | fsdp2 | deepspeed, process-group backend, DeepSpeed JSON
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from stateless_opt.config import SGDSaIConfig, SinkGDConfig, SWANConfig
+from stateless_opt import registry
 
 from .model import PRESETS
 
@@ -82,22 +82,27 @@ class AdamWConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
 
 
-class OptimizerSection(Section):
+class _OptimizerSection(Section):
     """``name`` picks the optimizer; each has its own sub-section so one file can hold tuned settings for
-    all four (``--optimizer adamw`` switches without touching LRs). For SWAN/SinkGD ``lr`` is the matrix
+    all (``--optimizer adamw`` switches without touching LRs). For SWAN/SinkGD ``lr`` is the matrix
     rule's LR; embeddings, LM head and 1-D tensors take ``lr * fallback_lr_ratio`` (AdamW by default)."""
-
-    name: Literal["swan", "sinkgd", "sgdsai", "adamw"] = Field("swan", description="which optimizer to train with")
-    swan: SWANConfig = Field(default_factory=SWANConfig, description="stateless_opt.SWANConfig")
-    sinkgd: SinkGDConfig = Field(default_factory=SinkGDConfig, description="stateless_opt.SinkGDConfig")
-    sgdsai: SGDSaIConfig = Field(default_factory=SGDSaIConfig, description="stateless_opt.SGDSaIConfig")
-    adamw: AdamWConfig = Field(default_factory=AdamWConfig, description="torch.optim.AdamW baseline")
-    fallback_weight_decay: float | None = Field(
-        0.0, ge=0, description="weight decay of the fallback group (embeddings, head, norms); null: the optimizer's"
-    )
 
     def selected(self) -> BaseModel:
         return getattr(self, self.name)
+
+
+# One sub-section per registered optimizer (its own config model), then the AdamW baseline.
+OptimizerSection = create_model(
+    "OptimizerSection",
+    __base__=_OptimizerSection,
+    name=(Literal[(*registry.OPTIMIZERS, "adamw")], Field("swan", description="which optimizer to train with")),
+    **{spec.name: (spec.config, Field(default_factory=spec.config, description=f"stateless_opt.{spec.config.__name__}"))
+       for spec in registry.OPTIMIZERS.values()},
+    adamw=(AdamWConfig, Field(default_factory=AdamWConfig, description="torch.optim.AdamW baseline")),
+    fallback_weight_decay=(float | None, Field(
+        0.0, ge=0, description="weight decay of the fallback group (embeddings, head, norms); null: the optimizer's"
+    )),
+)
 
 
 class TrainingSection(Section):

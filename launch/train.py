@@ -40,13 +40,12 @@ import torch.nn.functional as F
 import yaml
 
 import stateless_opt
+from stateless_opt import registry
+from stateless_opt.optimizer import StatelessOptimizer
 from launch import checkpoint as ckpt
 from launch import data as data_mod
 from launch.config import REPO_ROOT, ConfigError, TrainConfig, describe, dump, load_config, parse_cli
 from launch.model import build_model, count_params
-
-OPTIMIZERS = {"swan": stateless_opt.SWAN, "sinkgd": stateless_opt.SinkGD, "sgdsai": stateless_opt.SGDSaI}
-
 
 # --------------------------------------------------------------------------- process group
 @dataclass
@@ -236,7 +235,7 @@ def build_optimizer(cfg: TrainConfig, model_or_groups) -> torch.optim.Optimizer:
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
     lr = hp.pop("lr")
-    return OPTIMIZERS[o.name](groups, lr=lr, **hp)
+    return registry.lookup(o.name).cls(groups, lr=lr, **hp)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -261,7 +260,7 @@ def make_scheduler(cfg: TrainConfig, optimizer) -> torch.optim.lr_scheduler.Lamb
 def base_optimizer(optimizer):
     """Our (or torch's) optimizer inside DeepSpeed's ZeRO / bf16 wrappers."""
     seen = 0
-    while not isinstance(optimizer, (stateless_opt.SWAN, stateless_opt.SinkGD, stateless_opt.SGDSaI)) and seen < 4:
+    while not isinstance(optimizer, StatelessOptimizer) and seen < 4:
         inner = getattr(optimizer, "optimizer", None)
         if not isinstance(inner, torch.optim.Optimizer):
             break

@@ -1,12 +1,15 @@
 """The collectives the optimizers need, and nothing else: sum small stat vectors, and exchange
-fragments with explicit uneven splits.
+fragments with explicit uneven splits; plus how a param group names a process group.
 
-One object per process group. With one rank every call is a no-op, so the single-process and the
-sharded paths run the same code. Every call counts the payload bytes this rank hands over, so tests
-can prove that statistics travel as vectors and whole matrices only go to their whitening owner.
+One ``Collectives`` object per process group (the optimizer keeps them). With one rank every call is
+a no-op, so the single-process and the sharded paths run the same code. Every call counts the
+payload bytes this rank hands over, so tests can prove that statistics travel as vectors and whole
+matrices only go to their whitening owner.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,16 +25,14 @@ class Collectives:
         else:
             self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.bytes_sent = 0  # payload this rank handed to collectives since the last reset
-        self.calls = 0
 
     def reset_counters(self) -> None:
-        self.bytes_sent, self.calls = 0, 0
+        self.bytes_sent = 0
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum over ranks of a small statistics vector."""
         if self.world > 1 and tensor.numel():
             self.bytes_sent += tensor.numel() * tensor.element_size()
-            self.calls += 1
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
@@ -44,30 +45,46 @@ class Collectives:
             return send.new_empty(0)
         recv = send.new_empty(sum(recv_splits))
         self.bytes_sent += (sum(send_splits) - send_splits[self.rank]) * send.element_size()
-        self.calls += 1
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
         return recv
 
 
-_CACHE: dict[object, Collectives] = {}
+# ------------------------------------------------------------------------------------ naming groups
+def group_ref(group: Any) -> str | bool | None:
+    """A param-group-safe reference to a process group: a ``ProcessGroup`` becomes its name (plain
+    data, so ``state_dict()``, ``copy.deepcopy`` and pickle carry it, as ``DeviceMesh`` does); ``True``
+    (the default group), ``False``/``None`` (not replicated) and names pass through."""
+    if group is None or isinstance(group, (bool, str)):
+        return group
+    if isinstance(group, dist.ProcessGroup):
+        return group.group_name
+    raise TypeError(f"replicate_group must be a ProcessGroup, its name, True, False or None; got {group!r}")
 
 
-def collectives_for(group: dist.ProcessGroup | None, world: int) -> Collectives:
-    """One Collectives object per process group, so byte counters accumulate per group."""
-    if world == 1:
-        key = "single"
+def replica_group(ref: Any) -> dist.ProcessGroup | None:
+    """The process group a ``replicate_group`` reference names, if it is one of more than one rank
+    of an initialised job; else None (nothing to split or reduce over)."""
+    if ref is None or ref is False or not (dist.is_available() and dist.is_initialized()):
+        return None
+    if ref is True:
+        pg = dist.group.WORLD
+    elif isinstance(ref, dist.ProcessGroup):
+        pg = ref
     else:
-        key = group if group is not None else "default"
-    comm = _CACHE.get(key)
-    if comm is None:
-        comm = _CACHE[key] = Collectives(group, single=(world == 1))
-    return comm
+        pg = _resolve_name(ref)
+    return pg if dist.get_world_size(pg) > 1 else None
 
 
-def total_bytes_sent() -> int:
-    return sum(c.bytes_sent for c in _CACHE.values())
+def _resolve_name(name: str) -> dist.ProcessGroup:
+    """A process group by name: how torch's own functional collectives and ``DeviceMesh`` refer to
+    groups (``_resolve_process_group`` has no public twin in torch 2.11-2.13)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
 
-
-def reset_all_counters() -> None:
-    for c in _CACHE.values():
-        c.reset_counters()
+    try:
+        return _resolve_process_group(name)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise RuntimeError(
+            f"replicate_group names process group {name!r}, which does not exist in this process (a param "
+            "group from another job?); build the optimizer with param_groups(ddp_model) or replicate_group=... "
+            "of this job"
+        ) from err

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch.optim.adamw import adamw
 
-from .batching import chunks, matrix_bytes, normalize_rows_cols
-from .fragments import split_matrices
-from .base import local_views
+from .layouts import batch_runs, local_views, split_matrices
+from .row_col_norms import chunks, normalize_rows_cols
 
 
 def adamw_state(state: dict, t: torch.Tensor) -> None:
@@ -52,17 +51,18 @@ def adamw_fallback(opt, group: dict, units: list[torch.Tensor], lr: float) -> No
             opt._write(dst, params[i], group, gen)
 
 
-def stateless_fallback(opt, group: dict, shards, comm, lr: float) -> None:
+def stateless_fallback(opt, group: dict, shards, lr: float) -> None:
     frags = []
     for s in shards:
         shape2d = None if len(s.shape) >= 2 else (1, max(s.numel, 1))
         frags.extend(split_matrices(s, 0, shape2d=shape2d))
-    frags.sort(key=lambda f: (f.m, f.n, f.key))
-    budget = int(group["chunk_mb"] * 2**20) * comm.world
-    for idx in chunks(frags, matrix_bytes, budget):
-        normalize_rows_cols(
-            [frags[i] for i in idx], comm, iterations=1, eps=group["eps"], columns=False,
-            apply=lambda fs, x: opt._apply([f.param for f in fs], list(x), lr, group["weight_decay"], group),
-            device=frags[0].grad.device, fused_update=(lr, 1.0 - lr * group["weight_decay"]),
-            cache=opt.geometry_cache,
-        )
+    decay = 1.0 - lr * group["weight_decay"]
+    for run in batch_runs(frags):
+        row_comms, col_comms = opt._row_col_comms(run)
+        budget = int(group["chunk_mb"] * 2**20) * opt._comm(run[0].weight).world
+        for idx in chunks(run, lambda f: f.whole_bytes, budget):
+            normalize_rows_cols(
+                [run[i] for i in idx], row_comms=row_comms, col_comms=col_comms, iterations=1, eps=group["eps"],
+                columns=False, apply=lambda fs, x: opt._apply([f.param for f in fs], list(x), lr, group["weight_decay"], group),
+                device=run[0].grad.device, fused_update=(lr, decay), cache=opt.geometry_cache,
+            )

@@ -6,7 +6,7 @@ Fallback: embeddings and the LM head (``nn.Embedding`` modules and whatever a Hu
 returns from ``get_input_embeddings()`` / ``get_output_embeddings()``), and every 0-/1-D tensor
 (norms, biases). Call it before wrapping in FSDP2/DeepSpeed (the rule is kept as a group key, so it
 survives the DTensor swap and ZeRO's flattening), or on a DDP-wrapped model to let SWAN split its
-whitening work over the replicas.
+whitening work over the replicas (each group then names DDP's process group as ``replicate_group``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import REPLICATED_PARAMS, true_shape
+from .collectives import group_ref
+from .layouts import true_shape
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, Any]:
@@ -47,7 +48,8 @@ def fallback_weights(model: nn.Module) -> set[int]:
 def param_groups(
     model: nn.Module, *, fallback_weight_decay: float | None = None, batch_dims: int = 0
 ) -> list[dict[str, Any]]:
-    """Param groups for SWAN/SinkGD (also accepted by SGD-SaI): ``[{"params", "names", "rule"}, ...]``.
+    """Param groups for SWAN/SinkGD (also accepted by SGD-SaI): ``[{"params", "names", "rule"}, ...]``
+    (plus ``"replicate_group"`` for a DDP-wrapped model).
 
     ``fallback_weight_decay`` sets the fallback group's weight decay (e.g. 0 for norms, embeddings);
     ``batch_dims`` marks leading batch dims of matrix weights (1 for experts stored as (E, out, in)).
@@ -66,8 +68,9 @@ def param_groups(
         g = groups.setdefault(rule, {"params": [], "names": [], "rule": rule})
         g["params"].append(p)
         g["names"].append(name)
-        if ddp_group is not None:
-            REPLICATED_PARAMS[p] = ddp_group
+    if ddp_group is not None:  # by name: plain data that state_dict(), deepcopy and pickle carry
+        for g in groups.values():
+            g["replicate_group"] = group_ref(ddp_group)
     if "matrix" in groups and batch_dims:
         groups["matrix"]["batch_dims"] = batch_dims
     if "fallback" in groups and fallback_weight_decay is not None:

@@ -26,8 +26,11 @@ rank, after a training step:
 Tensors on the host while the peak is measured on a GPU (the ``step`` scalars of AdamW, SGD-SaI's
 per-weight scales, ZeRO-Offload's master and state) are counted in ``host``, not in the components.
 Storages are counted once however many views point into them (FSDP2 and ZeRO hand out views of flat
-buffers). Every rank's record is gathered (``all_gather_object``, so every rank must call), printed
-on rank 0 as a table, returned on every rank as a dict, and written as JSON on request.
+buffers). What an engine keeps besides the model (ZeRO's partitions, masters, gradient buffers) is
+read by the integration that knows it, through ``EngineView`` (``stateless_opt.integrations.deepspeed``
+registers one on import); each optimizer's state model comes from ``registry.py``. Every rank's
+record is gathered (``all_gather_object``, so every rank must call), printed on rank 0 as a table,
+returned on every rank as a dict, and written as JSON on request.
 
 The AdamW prediction: same backend, ZeRO stage, world size and dtypes; only the optimizer state is
 swapped for torch AdamW's (``exp_avg`` + ``exp_avg_sq`` shaped and typed like each tensor the
@@ -72,11 +75,14 @@ import os
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import psutil
 import torch
 import torch.distributed as dist
+
+from . import registry
+from .optimizer import StateSize
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -113,21 +119,54 @@ _LAYOUT: dict[str, tuple[bool, bool, str | None, bool]] = {
 BACKENDS = tuple(_LAYOUT)
 
 
+def _adamw_state(group: dict, element_bytes: int) -> StateSize:
+    """torch AdamW: two moments typed like the tensor; its step counter on the device when fused or
+    capturable, else on the host."""
+    on_host = not (group.get("fused") or group.get("capturable"))
+    return StateSize(per_element=2.0 * element_bytes, per_tensor=4, scalars_on_host=on_host)
+
+
+def _sgd_state(group: dict, element_bytes: int) -> StateSize:
+    """torch SGD: a momentum buffer typed like the tensor, if momentum is on."""
+    return StateSize(per_element=float(element_bytes) if group.get("momentum", 0) else 0.0)
+
+
+# The baselines the report compares with, by what they are (torch's classes); ours come from the registry.
+BASELINES: dict[str, Callable[[dict, int], StateSize]] = {
+    "adamw": _adamw_state, "adam": _adamw_state, "sgd": _sgd_state,
+    "sgd_momentum": lambda group, b: _sgd_state({"momentum": 0.9}, b),
+}
+
+
+def state_model(optimizer: Any) -> Callable[[dict, int], StateSize] | None:
+    """How much state ``optimizer`` keeps per tensor: ours from the registry, torch's AdamW/Adam/SGD
+    (subclasses included), else None (unknown: no prediction)."""
+    spec = registry.spec_of(optimizer)
+    if spec is not None:
+        return spec.state_size
+    if isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
+        return _adamw_state
+    if isinstance(optimizer, torch.optim.SGD):
+        return _sgd_state
+    return None
+
+
 def state_bytes_per_param(optimizer: str, *, dtype_bytes: int = 4, fallback_fraction: float = 0.0,
                           fallback: str = "adamw") -> float:
-    """``S`` of the formula (excluding the per-tensor scalars) for ``optimizer`` in
-    {"adamw", "sgd", "sgd_momentum", "sgdsai", "swan", "sinkgd"}; ``fallback_fraction`` is the share
-    of parameters SWAN/SinkGD send to their fallback."""
+    """``S`` of the formula (excluding the per-tensor scalars) for ``optimizer``: one of ``BASELINES``
+    ("adamw", "adam", "sgd", "sgd_momentum") or a registered name ("swan", "sinkgd", "sgdsai", ...);
+    ``fallback_fraction`` is the share of parameters a matrix-rule optimizer sends to its fallback."""
     name = optimizer.lower()
-    if name in ("adamw", "adam"):
-        return 2.0 * dtype_bytes
-    if name == "sgd":
-        return 0.0
-    if name in ("sgd_momentum", "sgdsai"):
-        return float(dtype_bytes)
-    if name in ("swan", "sinkgd"):
-        return 8.0 * fallback_fraction if fallback == "adamw" else 0.0
-    raise ValueError(f"no state formula for optimizer {optimizer!r}")
+    if name in BASELINES:
+        return BASELINES[name]({}, dtype_bytes).per_element
+    spec = registry.find(name)
+    if spec is None:
+        raise ValueError(f"no state formula for optimizer {optimizer!r}")
+    if not spec.splits_rules:
+        return spec.state_size({}, dtype_bytes).per_element
+    matrix = spec.state_size({"rule": "matrix"}, dtype_bytes).per_element
+    fb = spec.state_size({"rule": "fallback", "fallback": fallback}, dtype_bytes).per_element
+    return (1.0 - fallback_fraction) * matrix + fallback_fraction * fb
 
 
 def predict(numel: int, *, backend: str = "single", world: int = 1, param_bytes: int = 4,
@@ -254,81 +293,92 @@ class _Counter:
         return dev, host
 
 
-def _ds_kind(wrapper) -> str | None:
-    """'zero1/2', 'zero3', 'bf16' for DeepSpeed's ZeRO wrappers (by duck typing: no import)."""
-    if wrapper is None:
-        return None
-    if hasattr(wrapper, "fp32_partitioned_groups_flat") and hasattr(wrapper, "sub_group_to_group_id"):
-        return "zero3"
-    if hasattr(wrapper, "single_partition_of_fp32_groups"):
-        return "zero1/2"
-    if hasattr(wrapper, "fp32_groups_flat_partition"):
-        return "bf16"
-    return None
-
-
 @dataclass
-class _Unit:
-    tensor: torch.Tensor  # what the base optimizer steps (a parameter, DTensor, or ZeRO flat)
+class StateUnit:
+    """A tensor the (base) optimizer steps, its param group, and how many model weights it holds
+    pieces of (a ZeRO flat partition holds many)."""
+
+    tensor: torch.Tensor
     group: dict
-    weights: int  # model weights it holds pieces of
+    weights: int = 1
 
 
-def _units(inner: torch.optim.Optimizer, wrapper, kind: str | None) -> list[_Unit]:
-    groups = inner.param_groups
-    if kind == "zero1/2":
-        rr = getattr(wrapper, "round_robin_bit16_groups", None) or getattr(wrapper, "bit16_groups")
-        return [_Unit(t, groups[i], len(rr[i])) for i, t in enumerate(wrapper.single_partition_of_fp32_groups)]
-    if kind == "bf16":
-        return [_Unit(t, groups[i], len(wrapper.bf16_groups[i])) for i, t in enumerate(wrapper.fp32_groups_flat_partition)]
-    if kind == "zero3":
-        return [_Unit(t, groups[wrapper.sub_group_to_group_id[s]], len(wrapper.fp16_groups[s]))
-                for s, t in enumerate(wrapper.fp32_partitioned_groups_flat)]
-    return [_Unit(p, g, 1) for g in groups for p in g["params"]]
+class EngineView(Protocol):
+    """What the report needs from a training engine that wraps the optimizer and keeps tensors of its
+    own (DeepSpeed ZeRO: ``stateless_opt.integrations.deepspeed`` implements it). The core never reads
+    an engine's internals itself."""
+
+    module: torch.nn.Module  # the model the engine trains
+    optimizer: torch.optim.Optimizer  # the base optimizer that steps ``units()``
+    backend: str  # one of BACKENDS
+    stage: int | None
+    shard: int  # ranks the state (and master) is partitioned over
+    offloaded: bool  # the optimizer (and its gradients) live on the host
+
+    def units(self) -> list[StateUnit]: ...
+    def param_tensors(self) -> list: ...  # parameter storage beyond ``module.parameters()``
+    def master_tensors(self) -> list: ...  # fp32 master weights
+    def grad_tensors(self) -> list: ...  # gradient partitions and buffers
+    def state_model(self) -> Callable[[dict, int], StateSize] | None: ...  # for an optimizer the core does not know
 
 
-def _optimizer_kind(opt) -> str | None:
-    name = type(opt).__name__
-    if name in ("AdamW", "Adam", "FusedAdam", "DeepSpeedCPUAdam"):
-        return "adamw"
-    if name == "SGD":
-        return "sgd_momentum" if any(g.get("momentum", 0) for g in opt.param_groups) else "sgd"
-    if name in ("SWAN", "SinkGD"):
-        return "matrix_rule"
-    if name == "SGDSaI":
-        return "sgdsai"
+# Functions ``probe(model, optimizer) -> EngineView | None`` that integrations add on import.
+ENGINES: list[Callable[[Any, Any], Any]] = []
+
+
+def register_engine(probe: Callable[[Any, Any], Any]) -> None:
+    """Let ``memory_report`` see through an engine (idempotent)."""
+    if probe not in ENGINES:
+        ENGINES.append(probe)
+
+
+def _engine_view(model: Any, optimizer: Any):
+    for probe in ENGINES:
+        view = probe(model, optimizer)
+        if view is not None:
+            return view
+    for obj in (model, optimizer):  # an engine no integration described: refuse rather than mis-count
+        if type(obj).__module__.split(".")[0] == "deepspeed":
+            raise ValueError(
+                f"memory_report got a DeepSpeed {type(obj).__name__}: `import stateless_opt.integrations.deepspeed` "
+                "so the report can read its partitions"
+            )
     return None
 
 
-def _predict_state(kind: str | None, units: list[_Unit], device: torch.device) -> tuple[int, int] | None:
-    """(device, host) bytes of ``kind``'s state for these units, after its first step."""
-    if kind is None:
+def _predict_state(model: Callable[[dict, int], StateSize] | None, units: list[StateUnit],
+                   device: torch.device) -> tuple[int, int] | None:
+    """(device, host) bytes of the state ``model`` predicts for these units, after the first step."""
+    if model is None:
         return None
     dev = host = 0
-
-    def put(nbytes: int, on: torch.device):
-        nonlocal dev, host
-        if device.type != "cpu" and on.type == "cpu":
-            host += nbytes
-        else:
-            dev += nbytes
-
-    cpu = torch.device("cpu")
     for u in units:
         t = _local(u.tensor)
-        n, d, g = t.numel(), t.element_size(), u.group
-        if kind == "adamw":
-            put(2 * d * n, t.device)
-            put(4, t.device if (g.get("fused") or g.get("capturable")) else cpu)
-        elif kind == "sgd_momentum" and g.get("momentum", 0):
-            put(d * n, t.device)
-        elif kind == "matrix_rule" and g.get("rule") == "fallback" and g.get("fallback", "adamw") == "adamw":
-            put(8 * n, t.device)
-            put(4, cpu)
-        elif kind == "sgdsai":
-            put(d * n, t.device)
-            put(4 * u.weights, cpu)
+        size = model(u.group, t.element_size())
+        elements = int(size.per_element * t.numel())  # beside the tensor (on the host if it is offloaded)
+        scalars = size.per_tensor + size.per_weight * u.weights
+        off_device = device.type != "cpu" and t.device.type == "cpu"
+        scalars_off = device.type != "cpu" and (size.scalars_on_host or off_device)
+        host += elements * off_device + scalars * scalars_off
+        dev += elements * (not off_device) + scalars * (not scalars_off)
     return dev, host
+
+
+def _formula_state(model: Callable[[dict, int], StateSize], groups: list[dict], units: list[StateUnit],
+                   numel: int, dtype_bytes: int, n_state: int) -> float:
+    """The formula's state for this rank: per-element state over the true sizes of each param group
+    (ours record them; for others the model's ``numel`` at the first group's rate) / N, plus the
+    scalars of the tensors this rank steps."""
+    sizes = [sum(math.prod(s) for s in g["_shapes"]) if "_shapes" in g else None for g in groups]
+    if groups and None not in sizes:
+        elements = sum(n * model(g, dtype_bytes).per_element for n, g in zip(sizes, groups))
+    else:
+        elements = numel * model(groups[0] if groups else {}, dtype_bytes).per_element
+    scalars = 0
+    for u in units:
+        size = model(u.group, dtype_bytes)
+        scalars += size.per_tensor + size.per_weight * u.weights
+    return elements / n_state + scalars
 
 
 def _shard_size(p: torch.Tensor) -> int:
@@ -383,15 +433,13 @@ def memory_report(
     or one of ``BACKENDS``. Call it after a step (state exists), before ``zero_grad``
     if the gradients should be measured rather than taken from the formula.
     """
-    engine = None
-    if hasattr(model, "zero_optimization_stage") and hasattr(model, "module"):
-        engine, model = model, model.module
-        optimizer = optimizer if optimizer is not None else engine.optimizer
-    if optimizer is None:
+    view = _engine_view(model, optimizer)
+    if view is not None:
+        model, inner = view.module, view.optimizer
+    elif optimizer is None:
         raise ValueError("memory_report needs the optimizer (or a DeepSpeed engine)")
-    wrapper = optimizer if _ds_kind(optimizer) else None
-    inner = optimizer.optimizer if wrapper is not None else optimizer
-    kind = _ds_kind(wrapper)
+    else:
+        inner = optimizer
 
     initialized = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if initialized else 0
@@ -401,23 +449,10 @@ def memory_report(
 
     # backend, stage, shard size
     stage: int | None = None
-    if kind is not None:
-        if kind == "zero3":
-            stage, name = 3, "zero3"
-        elif kind == "bf16":
-            stage, name = 1, "zero1-bf16"
-        else:
-            stage = 2 if getattr(wrapper, "partition_gradients", False) else 1
-            name = f"zero{stage}"
-        pg = getattr(wrapper, "dp_process_group", None)
-        rpg = getattr(wrapper, "real_dp_process_group", None)
-        if rpg:
-            pg = rpg[0]
-        shard = dist.get_world_size(pg) if initialized else 1
+    if view is not None:
+        name, stage, shard = view.backend, view.stage, view.shard
     elif any(_shard_size(p) > 1 for p in params) or any(hasattr(p, "device_mesh") for p in params):
         name, shard = "fsdp2", max((_shard_size(p) for p in params), default=1)
-    elif engine is not None:
-        name, shard, stage = "zero0", 1, 0
     else:
         name, shard = ("ddp" if world > 1 else "single"), 1
     if backend != "auto":
@@ -433,40 +468,20 @@ def memory_report(
     rec.tensors = len(trainable)
     rec.param_dtype = str(params[0].dtype).replace("torch.", "") if params else ""
 
-    # params
-    ptensors: list[Any] = [p for p in params]
-    if kind == "zero3":
-        ptensors += [getattr(p, "ds_tensor", None) for p in params]
-    dev, host = counter.add(ptensors)
+    # params, fp32 master (a master sharing the params' storage was counted as params), gradients
+    masters = view.master_tensors() if view is not None else []
+    dev, host = counter.add([*params, *(view.param_tensors() if view is not None else [])])
     rec.params, rec.host = dev, rec.host + host
-    # fp32 master (a master sharing the params' storage was counted above)
-    masters: list[Any] = []
-    if kind == "zero1/2":
-        masters = list(wrapper.single_partition_of_fp32_groups)
-    elif kind == "zero3":
-        masters = list(wrapper.fp32_partitioned_groups_flat)
-    elif kind == "bf16":
-        masters = list(wrapper.fp32_groups_flat_partition)
     dev, host = counter.add(masters)
     rec.master, rec.host = dev, rec.host + host
-    # gradients
-    gtensors: list[Any] = [p.grad for p in params] + [getattr(m, "grad", None) for m in masters]
-    if wrapper is not None:
-        gtensors.append(getattr(wrapper, "grads_in_partition", None))
-        gtensors.append(getattr(wrapper, "grad_partitions_flat_buffer", None))
-        gtensors += list(getattr(wrapper, "fp32_groups_gradients_flat", None) or [])
-        for v in (getattr(wrapper, "averaged_gradients", None) or {}).values():
-            if isinstance(v, (list, tuple)):
-                gtensors += list(v)
-            else:
-                gtensors.append(v)
-    dev, host = counter.add(gtensors)
+    gtensors = [p.grad for p in params] + [getattr(m, "grad", None) for m in masters]
+    dev, host = counter.add(gtensors + (view.grad_tensors() if view is not None else []))
     rec.grads, rec.host = dev, rec.host + host
 
     # optimizer state, split by the owning group's rule
-    units = _units(inner, wrapper, kind)
+    units = view.units() if view is not None else [StateUnit(p, g) for g in inner.param_groups for p in g["params"]]
     rule_of = {id(u.tensor): u.group.get("rule", "other") for u in units}
-    for g in inner.param_groups:  # ZeRO-3 outside step(): groups are empty, units come from the wrapper
+    for g in inner.param_groups:  # ZeRO-3 outside step(): groups are empty, units come from the engine
         for p in g["params"]:
             rule_of.setdefault(id(p), g.get("rule", "other"))
     split = {"matrix": 0, "fallback": 0, "other": 0}
@@ -480,33 +495,25 @@ def memory_report(
     rec.local_numel = sum(_local(u.tensor).numel() for u in units)
 
     # predictions from this rank's layout
-    ours = _predict_state(_optimizer_kind(inner), units, device)
+    model_of_state = (view.state_model() if view is not None else None) or state_model(inner)
+    ours = _predict_state(model_of_state, units, device)
     if ours is not None:
         rec.state_pred, rec.state_pred_host = ours
-    rec.adamw_state, rec.adamw_state_host = _predict_state("adamw", units, device)
+    rec.adamw_state, rec.adamw_state_host = _predict_state(_adamw_state, units, device)
 
     # the formula (numel / N, no padding), for the JSON and for the gradients at the peak
     big = max(trainable or params, key=_true_numel, default=None)
     pbytes = big.element_size() if big is not None else 4
-    dtype_bytes = 4 if kind is not None else pbytes  # what AdamW's moments are typed like
-    okind = _optimizer_kind(inner)
-    counts = inner.rule_counts() if callable(getattr(inner, "rule_counts", None)) else {}
-    fb_frac = counts.get("fallback", {}).get("params", 0) / rec.numel if rec.numel else 0.0
-    fallback = next((g.get("fallback", "adamw") for g in inner.param_groups if g.get("rule") == "fallback"), "adamw")
+    dtype_bytes = 4 if masters else pbytes  # what the stepped tensors (and AdamW's moments) are typed like
     n_state = shard if _LAYOUT[name][3] else 1
     formula = predict(rec.numel, backend=name, world=shard, param_bytes=pbytes, state_bytes=0.0)
     formula.pop("state")
     formula["state_adamw"] = rec.numel * 2.0 * dtype_bytes / n_state + 4 * len(units)
-    if okind is not None:
-        fname = type(inner).__name__.lower() if okind == "matrix_rule" else okind
-        formula["state_ours"] = rec.numel * state_bytes_per_param(
-            fname, dtype_bytes=dtype_bytes, fallback_fraction=fb_frac, fallback=fallback) / n_state
-        if okind == "sgdsai":
-            formula["state_ours"] += 4 * sum(u.weights for u in units)
-        elif okind == "matrix_rule" and fallback == "adamw":
-            formula["state_ours"] += 4 * sum(1 for u in units if u.group.get("rule") == "fallback")
+    if model_of_state is not None:
+        formula["state_ours"] = _formula_state(model_of_state, inner.param_groups, units, rec.numel, dtype_bytes,
+                                               n_state)
     rec.formula = formula
-    offloaded = bool(getattr(wrapper, "cpu_offload", False) or getattr(wrapper, "offload_optimizer", False))
+    offloaded = view is not None and view.offloaded
     rec.grads_formula = 0 if (offloaded and _LAYOUT[name][1]) else int(formula["grads"])
     rec.__dict__.update(measure_peak(device))
 

@@ -1,9 +1,10 @@
-"""SGD-SaI (arXiv 2412.11768): SGD with momentum, each tensor's LR scaled once by its gradient
-signal-to-noise ratio. One momentum buffer, no second moment.
+"""SGD-SaI (Xu et al., arXiv 2412.11768): SGD with momentum, each tensor's LR scaled once by its
+gradient signal-to-noise ratio. One momentum buffer, no second moment.
 
-Per weight p, at the first step where its gradient g is non-zero: gSNR_p = ||g||_2 / (std(g) + eps)
-(std unbiased, as the official code), frozen for the rest of training. Then
-m_1 = g_1, m_t = mu m_{t-1} + (1 - mu) g_t;  p <- (1 - lr*wd) p - lr * gSNR_p * m_t.
+The rule for one weight is ``gsnr`` and ``sgd_sai_update`` below, in plain torch: at the first step
+where its gradient g is non-zero, gSNR = ||g||_2 / (std(g) + eps) (std unbiased, as the official code),
+frozen for the rest of training; then m_1 = g_1, m_t = mu m_{t-1} + (1 - mu) g_t, and
+p <- (1 - lr*wd) p - lr * gSNR * m_t.
 
 Deliberate fixes over the official ``sgd_sai.SGD_sai`` (each tested): a weight whose first gradient
 is all zeros (LoRA A with B = 0, zero-init layers) takes its scale at its first non-zero gradient
@@ -12,17 +13,72 @@ official code gives |g| / eps); scales are fp32 state that ``state_dict()`` carr
 does not recompute them from a fresh gradient.
 
 Sharded: the g-SNR needs each weight's (sum, sum of squares) over all ranks: one all-reduce of
-scalars, once per weight; momentum lives on the local fragment only.
+scalars, once per weight (``gsnr_from_sums``); momentum lives on the local piece only. Fused paths:
+``_fused_fp32_step``.
 """
 
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from . import kernels
-from .base import StatelessOptimizer, local_views
-from .config import SGDSaIConfig
-from .ops import gsnr
+from .config import OptimizerConfig
+from .layouts import local_views
+from .optimizer import StatelessOptimizer, StateSize
+
+
+# ====================================================================================== the rule
+def gsnr(grad: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """One tensor's g-SNR, in float64: ||g||_2 / (unbiased std(g) + eps); 1 for a one-element tensor."""
+    g = grad.double().reshape(-1)
+    if g.numel() == 1:
+        return torch.ones((), dtype=torch.float64)
+    return g.norm() / (g.std(correction=1) + eps)
+
+
+def momentum_(buf: torch.Tensor, grad: torch.Tensor, momentum: float, first: bool) -> torch.Tensor:
+    """The EMA momentum in place: m_1 = g_1, m_t = mu m_{t-1} + (1 - mu) g_t."""
+    return buf.copy_(grad) if first else buf.mul_(momentum).add_(grad, alpha=1.0 - momentum)
+
+
+def sgd_sai_update(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, scale: float, *, lr: float,
+                   momentum: float, weight_decay: float, first: bool) -> None:
+    """One SGD-SaI step of one weight in place, its g-SNR ``scale`` taken (``first``: its first step)."""
+    momentum_(buf, grad, momentum, first)
+    param.mul_(1.0 - lr * weight_decay).add_(buf, alpha=-lr * scale)
+
+
+# ====================================================================================== batched
+def gsnr_from_sums(total: torch.Tensor, total_sq: torch.Tensor, count: torch.Tensor, eps: float) -> torch.Tensor:
+    """``gsnr`` of many tensors from their (all-reduced) sums and sums of squares (float64 in, fp32
+    out), std unbiased (N-1); one-element tensors get 1."""
+    norm = total_sq.clamp_min(0).sqrt()
+    var = (total_sq - total * total / count) / (count - 1).clamp_min(1)
+    std = var.clamp_min(0).sqrt()
+    snr = norm / (std + eps)
+    return torch.where(count > 1, snr, torch.ones_like(snr)).float()
+
+
+# ====================================================================================== the optimizer
+class SGDSaIConfig(OptimizerConfig):
+    """SGD-SaI (arXiv 2412.11768): momentum SGD with each tensor's LR scaled once by its g-SNR."""
+
+    lr: float = Field(1e-2, ge=0.0, description="learning rate (the official default is a ViT setting)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="EMA coefficient of the momentum buffer")
+    eps: float = Field(1e-8, gt=0.0, description="added to std(g) in g-SNR = ||g|| / (std(g) + eps)")
+    weight_decay: float = Field(1e-2, ge=0.0, description="decoupled weight decay, not scaled by g-SNR")
+    max_normalized_gsnr: bool = Field(
+        False, description="the paper's Alg. 1 variant: divide every g-SNR by the max over all tensors"
+    )
+    fused: bool = Field(
+        True,
+        description="fp32 weights: fused kernels (on CUDA one Triton launch for all weights, decay "
+        "included; elsewhere torch's fused SGD kernel per weight plus a decay pass); False: the tensor-op path",
+    )
+    stochastic_rounding: bool = Field(
+        True, description="round low-precision (bf16/fp16) weights stochastically so small updates survive"
+    )
 
 
 class SGDSaI(StatelessOptimizer):
@@ -35,6 +91,7 @@ class SGDSaI(StatelessOptimizer):
 
     config_cls = SGDSaIConfig
     uses_rules = False
+    host_state = frozenset({"gsnr"})  # one fp32 scale per weight, read on the host every step
 
     def __init__(self, params, lr: float = 1e-2, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
@@ -54,15 +111,17 @@ class SGDSaI(StatelessOptimizer):
                 if group["fused"] and _fusable(s.param, s.grad, buf, mu):
                     fused.append((s.param, s.grad, buf, scale, first))
                     continue
-                if first:  # m_1 = g_1
-                    buf.copy_(s.grad)
-                else:
-                    buf.mul_(mu).add_(s.grad, alpha=1.0 - mu)
+                momentum_(buf, s.grad, mu, first)
                 params.append(s.param)
                 updates.append(buf)
                 scales.append(scale)
         _fused_fp32_step(fused, mu, group["lr"], group["weight_decay"])
         self._apply(params, updates, group["lr"], group["weight_decay"], group, scales)
+
+    @classmethod
+    def state_size(cls, group: dict, element_bytes: int) -> StateSize:
+        """One momentum buffer like the stepped tensor, one fp32 scale per weight on the host."""
+        return StateSize(per_element=float(element_bytes), per_weight=4)
 
     def _ensure_state(self, group, units, shards) -> None:
         """One momentum buffer per tensor (like the weight, local shard only) and one fp32 scale per
@@ -83,11 +142,19 @@ class SGDSaI(StatelessOptimizer):
         if not pending:
             return set()
         stats = torch.stack([_sum_and_sumsq(s.grad) for _, s in pending])
-        shard0 = pending[0][1]
-        if shard0.world > 1 and not shard0.replicated:
-            self._comm(shard0).all_reduce_sum_(stats)
+        by_comm: dict[int, tuple] = {}  # the groups whose pieces add up (one all-reduce each)
+        for k, (_, s) in enumerate(pending):
+            if s.world > 1 and not s.replicated:
+                comm = self._comm(s)
+                by_comm.setdefault(id(comm), (comm, []))[1].append(k)
+        for comm, idx in by_comm.values():
+            if len(idx) == len(pending):
+                comm.all_reduce_sum_(stats)
+            else:
+                part = stats[idx]
+                stats[idx] = comm.all_reduce_sum_(part)
         counts = torch.tensor([float(s.numel) for _, s in pending], dtype=torch.float64, device=stats.device)
-        scales = gsnr(stats[:, 0], stats[:, 1], counts, group["eps"]).cpu()
+        scales = gsnr_from_sums(stats[:, 0], stats[:, 1], counts, group["eps"]).cpu()
         for (state, s), value in zip(pending, scales):
             state["gsnr"][s.unit_index] = value
         return {(id(state), s.unit_index) for state, s in pending}

@@ -1,23 +1,69 @@
-"""SinkGD (Gradient Multi-Normalization, arXiv 2502.06742): alternating row/column l2 normalisation
-of each 2-D gradient, no optimizer state.
+"""SinkGD (Gradient Multi-Normalization, Scetbon et al., arXiv 2502.06742): alternating row/column l2
+normalisation of each 2-D gradient, no optimizer state.
 
-X = G; repeat L times: every row to l2 norm sqrt(n) (row RMS 1), then every column to l2 norm
-sqrt(m). Rows first, on the weight as stored (out x in); no centring; norms accumulated in fp32 and
-floored relative to the matrix's scale. W <- (1 - lr*wd) W - lr X.
+The rule for one weight is ``sinkgd_update`` below, in plain torch: X = G (the weight as stored, out x
+in; conv weights as (out, in*kh*kw)); repeat L times: every row to l2 norm sqrt(n) (row RMS 1), then
+every column to l2 norm sqrt(m). Rows first; no centring; each norm is floored relative to its matrix's
+scale (eps * ||X||_F / sqrt(count)), taken before its own axis's scaling. W <- (1 - lr*wd) W - lr X.
 
-Sharded, each round needs the m row norms then the n column norms of the re-scaled matrix: partial
-sums of squares on the local fragment, two dependent all-reduces of small vectors (all matrices of a
-chunk batched together; the row one is skipped where rows are whole on every rank). No gather.
+Batched and sharded (``row_col_norms.py``), each round needs the m row norms and then the n column norms
+of the re-scaled matrix: partial sums of squares on the local pieces, two dependent all-reduces of
+small vectors (all matrices of a chunk batched together; each skipped where no rank holds part of a
+row, or of a column). No gather, no matrix ever moves.
 """
 
 from __future__ import annotations
 
-import torch
+import math
+from typing import Literal
 
-from .batching import chunks, matrix_bytes, normalize_rows_cols
-from .config import SinkGDConfig
-from .matrix_rule import MatrixRuleOptimizer
-from .polar import matmul_precision
+import torch
+from pydantic import Field
+
+from .config import MatrixRuleConfig
+from .optimizer import MatrixRuleOptimizer
+from .precision import TINY, matmul_precision
+from .row_col_norms import chunks, normalize_rows_cols
+
+
+# ====================================================================================== the rule
+def sinkgd_update(grad: torch.Tensor, iterations: int = 5, eps: float = 1e-8) -> torch.Tensor:
+    """SinkGD's update direction for one gradient of >= 2 dims, in float64."""
+    x = grad.double().reshape(grad.shape[0], -1)
+    m, n = x.shape
+    for _ in range(iterations):
+        x = x * (math.sqrt(n) / _floored(x.norm(dim=1), x, m, eps))[:, None]  # rows to norm sqrt(n)
+        x = x * (math.sqrt(m) / _floored(x.norm(dim=0), x, n, eps))[None, :]  # columns to norm sqrt(m)
+    return x.reshape(grad.shape)
+
+
+def _floored(norms: torch.Tensor, x: torch.Tensor, count: int, eps: float) -> torch.Tensor:
+    """Norms of one axis clamped at eps * ||X||_F / sqrt(count): a 1e-30 row of an O(1) matrix is
+    not blown up to full norm (and a zero matrix divides by TINY, staying zero)."""
+    return torch.maximum(norms, (eps * torch.linalg.matrix_norm(x) / math.sqrt(count)).clamp_min(TINY))
+
+
+# ====================================================================================== the optimizer
+class SinkGDConfig(MatrixRuleConfig):
+    """SinkGD (arXiv 2502.06742): alternating row/column l2 normalisation, no state."""
+
+    chunk_mb: float = Field(
+        1024.0, gt=0.0,
+        description="upper bound on the temporaries of one batched chunk (MiB, counted as fp32): fewer, "
+        "larger chunks issue fewer launches (measured step times in docs/design.md)",
+    )
+
+    iterations: int = Field(5, ge=1, le=100, description="row/column normalisation rounds (L)")
+    stats_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the squared gradients the rounds read: auto = bfloat16 on CUDA (half the "
+        "traffic, ~1e-4 relative on the norms; sums stay fp32), float32 elsewhere",
+    )
+    fused: bool = Field(
+        True,
+        description="write r*G*c into fp32 weights with a fused Triton kernel on CUDA (one launch a chunk, "
+        "where Triton imports); False: the tensor-op path",
+    )
 
 
 class SinkGD(MatrixRuleOptimizer):
@@ -41,9 +87,10 @@ class SinkGD(MatrixRuleOptimizer):
         fused = (lr, 1.0 - lr * group["weight_decay"]) if group["fused"] else None
         # "auto": bf16 squared gradients on CUDA, half the bytes of the 2L passes that dominate the step
         stats = getattr(torch, matmul_precision(group["stats_dtype"], device))
-        for idx in chunks(frags, matrix_bytes, budget):
+        row_comms, col_comms = self._row_col_comms(frags)
+        for idx in chunks(frags, lambda f: f.whole_bytes, budget):
             normalize_rows_cols(
-                [frags[i] for i in idx], comm, iterations=group["iterations"], eps=group["eps"], columns=True,
-                apply=lambda fs, x: self._apply_fragments(group, fs, x.unbind(0), lr),
+                [frags[i] for i in idx], row_comms=row_comms, col_comms=col_comms, iterations=group["iterations"],
+                eps=group["eps"], columns=True, apply=lambda fs, x: self._apply_fragments(group, fs, x.unbind(0), lr),
                 device=device, stats_dtype=stats, fused_update=fused, cache=self.geometry_cache,
             )

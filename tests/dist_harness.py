@@ -264,25 +264,32 @@ class Registry:
             key = fn.__name__
             if key in self.cases:
                 raise ValueError(f"duplicate case name {key!r}")
-            self.cases[key] = Case(key, self.module, fn.__name__, dict(kwargs), tuple(world_sizes))
+            self.cases[key] = Case(key, fn.__module__, fn.__name__, dict(kwargs), tuple(world_sizes))
             return fn
 
         return deco
 
     def add(self, case_name: str, fn: Callable, world_sizes: Sequence[int], /, **kwargs) -> None:
-        """Register a parametrised variant ``fn(ctx, **kwargs)`` of a module-level function."""
+        """Register a parametrised variant ``fn(ctx, **kwargs)`` of a module-level function. ``fn`` may live
+        in another test module: its cases then ride in this registry's spawns (no spawn of their own);
+        register them when that module is imported, before any test asks for results."""
         if case_name in self.cases:
             raise ValueError(f"duplicate case name {case_name!r}")
-        self.cases[case_name] = Case(case_name, self.module, fn.__name__, dict(kwargs), tuple(world_sizes))
+        self.cases[case_name] = Case(case_name, fn.__module__, fn.__name__, dict(kwargs), tuple(world_sizes))
 
     def results(self, world: int, *, backend: str | None = None, device_type: str | None = None,
                 timeout: float = DEFAULT_TIMEOUT) -> SpawnResult:
         key = (world, backend or default_backend(), device_type or default_device_type())
-        if key not in self._runs:
-            todo = [c for c in self.cases.values() if world in c.world_sizes]
+        done = self._runs.get(key)
+        todo = [c for c in self.cases.values() if world in c.world_sizes
+                and (done is None or (c.name not in done.results and c.name not in done.errors))]
+        if done is None or todo:  # first call, or cases registered since (another module imported late)
             run = run_cases(todo, world, backend=key[1], device_type=key[2], timeout=timeout)
             if run.crashed:
                 run = self._retry_after_crash(run, todo, world, key, timeout)
+            if done is not None:
+                run = SpawnResult({**done.results, **run.results}, {**done.timings, **run.timings},
+                                  {**done.errors, **run.errors}, done.wall + run.wall, run.crashed, run.report)
             self._runs[key] = run
         return self._runs[key]
 

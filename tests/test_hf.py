@@ -86,13 +86,13 @@ def _recorder_cls():
             self.handles = []
 
         def _views(self):
-            layout = self.opt.layout_provider
+            layout = _engine_layout(self.opt)
             for gi, g in enumerate(self.opt.param_groups):
                 for pos, t in enumerate(g["params"]):
                     if layout is None:
                         yield self.names[id(t)], g, t.grad, t.data
                     else:
-                        for p, sh in zip(layout.params_of(t), layout.shards(t, gi, pos)):
+                        for p, sh in zip(layout.params_of(t), layout.shards(t, g, (gi, pos))):
                             yield self.names[id(p)], g, sh.grad.view(sh.shape), sh.param.view(sh.shape)
 
         def _pre(self, opt, args, kwargs):
@@ -109,6 +109,11 @@ def _recorder_cls():
     return Recorder
 
 
+def _engine_layout(opt):
+    """The layout an engine (DeepSpeed) attached in front of the optimizer's own, if any."""
+    return next((lay for lay in opt.layouts if hasattr(lay, "params_of")), None)
+
+
 def summary(trainer, recorder) -> dict:
     """What the tests assert on; picklable, so the subprocesses return the same thing."""
     opt = hf.find_stateless_optimizer(trainer.optimizer)
@@ -120,7 +125,7 @@ def summary(trainer, recorder) -> dict:
         "hyper": {k: v for k, v in opt.param_groups[0].items() if k in ("iterations", "whitening", "fallback_lr_ratio")},
         "rule_counts": opt.rule_counts(),
         "fallback_names": sorted(n for g in opt.param_groups if g.get("rule") == "fallback" for n in g["names"]),
-        "layout": type(opt.layout_provider).__name__ if opt.layout_provider is not None else None,
+        "layout": type(_engine_layout(opt)).__name__ if _engine_layout(opt) is not None else None,
         "bytes_sent": opt.bytes_sent(),
         "record": recorder.rec,
         "steps": trainer.state.global_step,

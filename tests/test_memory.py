@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import optim_db
 import stateless_opt as so
 from dist_harness import Registry, default_device_type, free_port
 from models import TinyNet
@@ -55,21 +56,12 @@ def _batch(step, n=8):
 
 
 def _opt(name, params):
-    """params: a model (-> param_groups) or a list."""
+    """A catalogue row (tests/optim_db.py) or torch's AdamW; params: a model (-> param_groups) or a list."""
     groups = so.param_groups(params) if isinstance(params, nn.Module) else params
-    if name == "swan":
-        return so.SWAN(groups, lr=1e-2)
-    if name == "swan_stateless":
-        return so.SWAN(groups, lr=1e-2, fallback="stateless")
-    if name == "sinkgd":
-        return so.SinkGD(groups, lr=1e-2)
-    if name == "sinkgd_stateless":
-        return so.SinkGD(groups, lr=1e-2, fallback="stateless")
-    if name == "sgdsai":
-        return so.SGDSaI(groups, lr=1e-3)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=1e-3)
-    raise ValueError(name)
+    row = optim_db.info(name)
+    return row.make(groups, lr=1e-2 if row.splits_rules else 1e-3)
 
 
 def _train(model, opt, steps=2, zero_grad_last=False):
@@ -112,6 +104,19 @@ def test_state_bytes_exact(name, matrix, fallback):
     assert r["adamw"] == {"params": r["params"], "grads": r["grads"], "master": 0, "state": r["adamw_state"],
                           "state_host": 0, "rest": r["rest"], "peak": r["adamw_peak"]}
     assert r["saving_gib"] == pytest.approx(r["saving_bytes"] / 2**30) and 0 < r["saving_pct"] < 100
+
+
+@pytest.mark.parametrize("row", [r.id for r in optim_db.OPTIM_DB])
+def test_catalogue_state_is_what_the_registry_predicts(row):
+    """Every optimizer of the catalogue: the state it allocates is what its registry row's state model
+    (``state_size``) predicts from the layout, and what the formula says (one process: no padding)."""
+    model = _model()
+    opt = _opt(row, model)
+    _train(model, opt)
+    r = memory_report(model, opt, print_table=False)["ranks"][0]
+    state = r["state_matrix"] + r["state_fallback"] + r["state_other"]
+    assert r["state_pred"] == state
+    assert r["formula"]["state_ours"] == pytest.approx(state)
 
 
 def test_sgdsai_plain_list_is_other():

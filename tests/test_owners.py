@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from stateless_opt.owners import assign_owners, load_balance, whitening_flops
+from stateless_opt.owner_compute import assign_owners, load_balance
+from stateless_opt.swan import whitening_flops
 
 NS_STEPS = 12  # SWANConfig's default
 
@@ -64,8 +65,8 @@ def test_deterministic_and_independent_of_the_sequence_object(world):
 
 def test_deterministic_across_processes():
     """Two fresh interpreters with different hash seeds give the same owners (every rank computes
-    them on its own). ``owners.py`` is loaded by path: it needs no torch, so this stays fast."""
-    import stateless_opt.owners as mod
+    them on its own). ``owner_compute.py`` is loaded by path (it imports nothing of the package)."""
+    import stateless_opt.owner_compute as mod
 
     code = (
         "import importlib.util, json, sys\n"

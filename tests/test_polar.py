@@ -22,9 +22,8 @@ import torch
 
 import reference as R
 from stateless_opt import SWAN, SWANConfig
-from stateless_opt import polar as P
-from stateless_opt.ops import swan_direction
-from stateless_opt.owners import whitening_flops
+from stateless_opt import polar_express as P
+from stateless_opt.swan import swan_direction, whitening_flops, whitening_plan
 
 F64 = torch.float64
 FP32_TOL = 1e-5
@@ -287,11 +286,11 @@ def test_config_defaults_and_plan():
     cfg = SWANConfig()
     assert cfg.whitening == "polar_express" and cfg.ns_steps is None and cfg.whitening_dtype == "auto"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert P.whitening_plan("polar_express", None, "auto", cpu) == (7, "float32")
-    assert P.whitening_plan("polar_express", None, "auto", cuda) == (5, "bfloat16")
-    assert P.whitening_plan("polar_express", 6, "bfloat16", cpu) == (6, "bfloat16")
-    assert P.whitening_plan("newton_schulz", None, "auto", cuda) == (12, "float32")
-    assert P.whitening_plan("eigh", None, "auto", cuda)[1] == "float32"
+    assert whitening_plan("polar_express", None, "auto", cpu) == (7, "float32")
+    assert whitening_plan("polar_express", None, "auto", cuda) == (5, "bfloat16")
+    assert whitening_plan("polar_express", 6, "bfloat16", cpu) == (6, "bfloat16")
+    assert whitening_plan("newton_schulz", None, "auto", cuda) == (12, "float32")
+    assert whitening_plan("eigh", None, "auto", cuda)[1] == "float32"
     with pytest.raises(ValueError, match="polar_express"):
         SWANConfig(whitening="newton_schulz", whitening_dtype="bfloat16")
     with pytest.raises(ValueError):

@@ -19,8 +19,9 @@ import math
 import pytest
 import torch
 
+import optim_db
 import reference as R
-from stateless_opt import SGDSaI, SinkGD, SWAN
+from stateless_opt import SGDSaI, SinkGD, SWAN, sgd_sai
 
 F64 = torch.float64
 FP32_TOL = 1e-5  # fp32 math vs float64 reference (see module docstring)
@@ -354,10 +355,10 @@ def test_plain_list_splits_by_shape_and_fallback_lr_ratio_applies():
 
 
 # ------------------------------------------------------------------------------------ SGD-SaI
-def sgdsai_run_fp32(shapes, *, steps=4, seed=0, **kw):
+def sgdsai_run_fp32(shapes, *, steps=4, seed=0, cls=SGDSaI, **kw):
     ws = [_weight(s, seed + i) for i, s in enumerate(shapes)]
     w0 = [w.detach().clone() for w in ws]
-    opt = SGDSaI(ws, **kw)
+    opt = cls(ws, **kw)
     ref = R.SGDSaIRef(kw["lr"], kw.get("momentum", 0.9), kw.get("eps", 1e-8), kw.get("weight_decay", 1e-2),
                       kw.get("max_normalized_gsnr", False))
     grads = [_grads(s, steps, seed + 10 * i) for i, s in enumerate(shapes)]
@@ -565,3 +566,59 @@ def test_sinkgd_bf16_statistics(shape):
     assert err < 1e-2, err
     assert err > FP32_TOL, "bf16 statistics must show their rounding: the setting has to reach the rounds"
     assert matrix_run_fp32(SinkGD, s, R.sinkgd_update, stats_dtype="float32") < FP32_TOL
+
+
+# ------------------------------------------------------------------------------------ the catalogue
+# Every row of tests/optim_db.py: a new optimizer (or variant) is checked against its reference here.
+READABLE_RULES = {r.name: r for r in optim_db.rows(matrix_rule=True) if r.rule is not r.reference}
+
+
+@pytest.mark.parametrize("shape", list(MATRIX_SHAPES))
+@pytest.mark.parametrize("name", sorted(READABLE_RULES))
+def test_readable_rule_is_the_reference(name, shape):
+    # Each algorithm module opens with its rule for one tensor in plain float64 torch (the form a reader
+    # checks against the paper): it must be the independent reference of reference.py, to float64
+    # rounding (1e-10 of the update; both are float64, in a different order of operations).
+    row = READABLE_RULES[name]
+    g = _grads(MATRIX_SHAPES[shape], 1, 11)[0]
+    ref = row.reference(g)
+    assert (row.rule(g) - ref).abs().max().item() <= 1e-10 * ref.abs().max().item()
+
+
+def test_sgd_sai_readable_rule_is_the_reference():
+    # sgd_sai.py opens with gsnr and sgd_sai_update for one tensor: three steps of them are SGDSaIRef's.
+    lr, wd, mu = 1e-2, 0.5, 0.9
+    shapes = list(ALL_SHAPES.values()) + [(1,)]
+    ws = [_weight(s, 70 + i).detach().to(F64) for i, s in enumerate(shapes)]
+    grads = [_grads(s, 3, 80 + i, F64) for i, s in enumerate(shapes)]
+    ref, cur = R.SGDSaIRef(lr, mu, 1e-8, wd), [w.clone() for w in ws]
+    bufs = [torch.zeros_like(w) for w in ws]
+    scales = [sgd_sai.gsnr(g[0]) for g in grads]
+    for i, g in enumerate(grads):
+        assert math.isclose(scales[i].item(), R.gsnr(g[0], 1e-8), rel_tol=1e-12)
+    for t in range(3):
+        for w, g, buf, scale in zip(ws, grads, bufs, scales):
+            sgd_sai.sgd_sai_update(w, g[t], buf, scale.item(), lr=lr, momentum=mu, weight_decay=wd, first=t == 0)
+        cur = ref.step(cur, [g[t] for g in grads])
+    assert max((w - c).abs().max().item() for w, c in zip(ws, cur)) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", SQUARE_FREE)
+@pytest.mark.parametrize("row", [r.id for r in optim_db.rows(matrix_rule=True)])
+def test_catalogue_matrix_rules_match_reference_fp32(row, shape):
+    # Every matrix-rule row, fp32, three steps, against W <- (1 - lr wd) W - lr U_ref(G): FP32_TOL
+    # (module docstring) on the full-rank shapes (square ones are rank-deficient after SWAN's centring;
+    # the exact rows cover them above).
+    r = optim_db.info(row)
+    err = matrix_run_fp32(r.cls, MATRIX_SHAPES[shape], r.reference, **r.variant)
+    assert err < FP32_TOL, err
+
+
+@pytest.mark.parametrize("row", [r.id for r in optim_db.rows(matrix_rule=False)])
+def test_catalogue_elementwise_rules_match_reference_fp32(row):
+    # Every elementwise row (SGD-SaI and its variants) against SGDSaIRef on every shape, FP32_TOL; lr as
+    # in the tests above (the max-normalised scales are <= 1, so a larger lr keeps movements measurable).
+    r = optim_db.info(row)
+    lr = 1e-1 if r.variant.get("max_normalized_gsnr") else 1e-2
+    err, _, _ = sgdsai_run_fp32(list(ALL_SHAPES.values()) + [(1,)], lr=lr, weight_decay=0.5, cls=r.cls, **r.variant)
+    assert err < FP32_TOL, err

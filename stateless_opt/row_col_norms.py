@@ -1,16 +1,19 @@
-"""Batching and chunking of matrix fragments, shared by every matrix rule.
+"""Scale every row (and column) of many sharded matrices to a target l2 norm, with the norms moved as
+vectors: the executor behind SinkGD's rounds and the stateless fallback.
 
-* ``chunks``: split the group's matrices (in the global order all ranks agree on) into chunks whose
-  fp32 temporaries stay under a byte budget, so batching never raises the memory peak by more than
-  one chunk. Every rank computes the same chunks, so collectives inside a chunk match.
-* ``FragmentStack``: local fragments of identical geometry (m, n, start, end) stacked into one fp32
-  ``(B, L)`` tensor of squared gradients; row/column statistics of its pieces go into chunk-wide
-  vectors indexed by the global row/column offsets of each matrix, which is what gets all-reduced.
+* ``chunks``: split matrices (in the global order all ranks agree on) into chunks whose temporaries
+  stay under a byte budget, so batching never raises the memory peak by more than one chunk. Every
+  rank computes the same chunks, so collectives inside a chunk match.
+* ``FragmentStack``: local fragments of identical geometry (m, n, local extent) stacked into one
+  ``(B, L)`` tensor of squared gradients; row/column statistics of their pieces go into chunk-wide
+  vectors indexed by each matrix's global row/column offsets, and those vectors are what is
+  all-reduced: over the shards' ``row_groups`` where some row is split between ranks, over their
+  ``col_groups`` where some column is.
+* ``normalize_rows_cols``: the rounds themselves, then the update r∘G∘c written once.
 """
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from itertools import accumulate
 from typing import Callable, Sequence
@@ -18,8 +21,8 @@ from typing import Callable, Sequence
 import torch
 
 from . import kernels
-from .fragments import MatrixFragment, pieces
-from .ops import floor_norms
+from .layouts import MatrixFragment
+from .precision import TINY, matmul_fp32
 
 
 def chunks(items: Sequence, cost_bytes: Callable[[object], int], budget: int) -> list[list[int]]:
@@ -75,8 +78,7 @@ class FragmentStack:
     def __init__(self, frags: list[MatrixFragment], geometry: "StackGeometry", stats_dtype: torch.dtype):
         self.frags = frags
         self.row_off, self.col_off, self.parts = geometry.row_off, geometry.col_off, geometry.parts
-        start, end = frags[0].local_range
-        self.s = torch.empty((len(frags), end - start), dtype=stats_dtype, device=frags[0].grad.device)
+        self.s = torch.empty((len(frags), frags[0].local.numel), dtype=stats_dtype, device=frags[0].grad.device)
         for row, f in zip(self.s, frags):
             g = f.grad.reshape(-1)
             if g.dtype == torch.float32:
@@ -110,8 +112,11 @@ class FragmentStack:
         """This stack's fragments as ``kernels.row_col_scaled_update_`` items (see ``fusable``); S is
         no longer needed."""
         self.s = None
-        return [(f.param, f.grad, row_scale[r0 : r0 + f.m], col_scale[c0 : c0 + f.n], f.local_range[0], f.n)
-                for f, r0, c0 in zip(self.frags, self.row_off, self.col_off)]
+        items = []
+        for f, r0, c0 in zip(self.frags, self.row_off, self.col_off):
+            lo, hi, left, right, start, width = f.local.kernel_view(f.m, f.n)
+            items.append((f.param, f.grad, row_scale[r0 + lo : r0 + hi], col_scale[c0 + left : c0 + right], start, width))
+        return items
 
     def finalize(self, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
         """The update r∘G∘c in fp32 (B, L), read from the (untouched) gradients (S's memory is reused
@@ -128,25 +133,6 @@ class FragmentStack:
         return x
 
 
-def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched ``a @ b`` with fp32 results. bf16 operands accumulate in fp32; on CUDA the result is
-    written in fp32 too (``bmm``'s ``out_dtype``, torch >= 2.8) rather than rounded to bf16 first."""
-    if a.dtype == torch.float32:
-        return torch.matmul(a, b)
-    if a.is_cuda and _has_bmm_out_dtype():
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.matmul(a, b).float()
-
-
-@functools.cache
-def _has_bmm_out_dtype() -> bool:
-    try:
-        x = torch.ones(1, 1, 1, dtype=torch.bfloat16, device="cuda")
-        return torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError):
-        return False
-
-
 class StackGeometry:
     """Where the pieces of one group of same-geometry fragments (``positions`` in the chunk) sit in
     the chunk-wide row/column vectors: (offset in the fragment, h, w, row indices, column indices)."""
@@ -154,14 +140,13 @@ class StackGeometry:
     def __init__(self, frags: Sequence[MatrixFragment], positions: list[int], index: ChunkIndex,
                  device: torch.device):
         f0 = frags[positions[0]]
-        start, end = f0.local_range
         self.positions = positions
         self.row_off = [index.row_offset[p] for p in positions]
         self.col_off = [index.col_offset[p] for p in positions]
         row_off = torch.tensor(self.row_off, device=device)
         col_off = torch.tensor(self.col_off, device=device)
         self.parts = []
-        for pc in pieces(f0.n, start, end):
+        for pc in f0.local.pieces(f0.m, f0.n):
             rows = row_off[:, None] + torch.arange(pc.r0, pc.r1, device=device)
             cols = col_off[:, None] + torch.arange(pc.c0, pc.c1, device=device)
             self.parts.append((pc.offset, pc.r1 - pc.r0, pc.c1 - pc.c0, rows, cols))
@@ -173,70 +158,75 @@ def chunk_geometry(frags: Sequence[MatrixFragment], device: torch.device,
     Building them copies host lists to the device, which waits for the GPU to drain its queue; the
     layout is the same at every step, so the optimizer passes a ``cache`` and only the first step
     pays (the step stays a stream of launches the CPU can run ahead of)."""
-    key = (str(device), tuple((f.key, f.m, f.n, f.local_range, f.grad.dtype) for f in frags))
+    key = (str(device), tuple((f.key, f.m, f.n, type(f.local), f.local, f.grad.dtype) for f in frags))
     hit = cache.get(key) if cache is not None else None
     if hit is None:
         index = ChunkIndex(frags, device)
         by_geometry: dict[tuple, list[int]] = defaultdict(list)
         for pos, f in enumerate(frags):
-            s, e = f.local_range
-            if e > s:
-                by_geometry[(f.m, f.n, s, e, f.grad.dtype)].append(pos)
+            if f.local.numel:
+                by_geometry[(f.m, f.n, type(f.local), f.local, f.grad.dtype)].append(pos)
         hit = (index, [StackGeometry(frags, positions, index, device) for positions in by_geometry.values()])
         if cache is not None:
             cache[key] = hit
     return hit
 
 
-def needs_row_reduce(frags: Sequence[MatrixFragment]) -> bool:
-    """Rows are cut across ranks (ZeRO's flat partitions): row statistics need a reduction."""
-    for f in frags:
-        if f.weight.replicated:
-            continue
-        for s, e in f.ranges:
-            if e > s and (s % f.n or e % f.n):
-                return True
-    return False
+def rows_split(frags: Sequence[MatrixFragment]) -> bool:
+    """Some rank holds only part of some row (ZeRO's mid-row cuts, a column split): row statistics
+    need a reduction."""
+    return any(not f.weight.replicated and any(e.cuts_rows(f.m, f.n) for e in f.extents) for f in frags)
 
 
-def needs_col_reduce(frags: Sequence[MatrixFragment]) -> bool:
-    """Some matrix is spread over more than one rank: column statistics need a reduction."""
-    return any(
-        not f.weight.replicated and sum(1 for s, e in f.ranges if e > s) > 1 for f in frags
-    )
+def cols_split(frags: Sequence[MatrixFragment]) -> bool:
+    """Some rank holds only part of some column (FSDP2's rows, ZeRO's ranges, a row split): column
+    statistics need a reduction."""
+    return any(not f.weight.replicated and any(e.cuts_cols(f.m, f.n) for e in f.extents) for f in frags)
+
+
+def floor_norms(norms: torch.Tensor, matrix_of: torch.Tensor, fro: torch.Tensor, count: torch.Tensor, eps: float):
+    """Clamp row (or column) norms at a floor relative to their matrix's scale, eps * ||X||_F / sqrt(count):
+    a 1e-30 row in a matrix of norm 1 must not be blown up to norm sqrt(n). A zero matrix uses TINY."""
+    floor = (eps * fro / count.sqrt()).clamp_min(TINY)
+    return torch.maximum(norms, floor[matrix_of])
 
 
 def normalize_rows_cols(
     frags: Sequence[MatrixFragment],
-    comm,
     *,
+    row_comms: Sequence,
+    col_comms: Sequence,
     iterations: int,
     eps: float,
     columns: bool,
+    rows: bool = True,
     apply: Callable[[list[MatrixFragment], torch.Tensor], None],
     device: torch.device,
     stats_dtype: torch.dtype = torch.float32,
     fused_update: tuple[float, float] | None = None,
     cache: dict | None = None,
 ) -> None:
-    """SR-Sinkhorn on fragments: ``iterations`` x {every row to l2 norm sqrt(n); then (if ``columns``)
-    every column to l2 norm sqrt(m)}; then, for each stack, W <- decay W - lr x in one fused pass where
+    """SR-Sinkhorn on fragments: ``iterations`` x {(if ``rows``) every row to l2 norm sqrt(n); then (if
+    ``columns``) every column to l2 norm sqrt(m)}; then, for each stack, W <- decay W - lr x in one fused pass where
     ``fused_update = (lr, decay)`` is given and the stack qualifies, else ``apply(frags, x)``.
-    ``cache``: the optimizer's dict for ``chunk_geometry``.
+    ``row_comms`` / ``col_comms``: the collectives of the shards' row / column groups (every fragment
+    of a chunk shares them); ``cache``: the optimizer's dict for ``chunk_geometry``.
 
     The iterate is diag(r) G diag(c): only the row scales r and column scales c change per half-round
     (see ``FragmentStack``). Row sums of squares come from fragment-local partial sums, all-reduced as
-    one vector for all matrices (skipped where rows are whole on every rank); columns likewise.
+    one vector for all matrices (skipped where no rank holds part of a row); columns likewise.
     """
     index, geometries = chunk_geometry(frags, device, cache)
     stacks = [FragmentStack([frags[p] for p in g.positions], g, stats_dtype) for g in geometries]
-    reduce_rows, reduce_cols = needs_row_reduce(frags), needs_col_reduce(frags)
+    row_reduce = tuple(row_comms) if rows and rows_split(frags) else ()
+    col_reduce = tuple(col_comms) if columns and cols_split(frags) else ()
     row_scale = torch.ones(index.rows, dtype=torch.float32, device=device)
     col_scale = torch.ones(index.cols, dtype=torch.float32, device=device)
     for _ in range(iterations):
-        _normalize_axis(stacks, index, comm, eps, rows=True, reduce=reduce_rows, scale=row_scale, other=col_scale)
+        if rows:
+            _normalize_axis(stacks, index, row_reduce, eps, rows=True, scale=row_scale, other=col_scale)
         if columns:
-            _normalize_axis(stacks, index, comm, eps, rows=False, reduce=reduce_cols, scale=col_scale, other=row_scale)
+            _normalize_axis(stacks, index, col_reduce, eps, rows=False, scale=col_scale, other=row_scale)
     fused = []  # one launch for every fusable fragment of the chunk
     for st in stacks:
         if fused_update is not None and st.fusable():
@@ -248,7 +238,7 @@ def normalize_rows_cols(
         kernels.row_col_scaled_update_(fused, lr=lr, decay=decay)
 
 
-def _normalize_axis(stacks, index: ChunkIndex, comm, eps, *, rows: bool, reduce: bool, scale: torch.Tensor,
+def _normalize_axis(stacks, index: ChunkIndex, reduce: tuple, eps, *, rows: bool, scale: torch.Tensor,
                     other: torch.Tensor) -> None:
     """One half-round: set the row (or column) scales so every row (column) of every matrix has l2 norm
     sqrt(n) (or sqrt(m)).
@@ -263,7 +253,7 @@ def _normalize_axis(stacks, index: ChunkIndex, comm, eps, *, rows: bool, reduce:
     other_sq = other.square()
     for st in stacks:
         (st.add_row_sumsq if rows else st.add_col_sumsq)(sumsq, other_sq)
-    if reduce:
+    for comm in reduce:
         comm.all_reduce_sum_(sumsq)
     matrix_of = index.row_matrix if rows else index.col_matrix
     norms = sumsq.clamp_min_(0).sqrt_()
@@ -271,8 +261,3 @@ def _normalize_axis(stacks, index: ChunkIndex, comm, eps, *, rows: bool, reduce:
     count = index.m if rows else index.n  # how many rows (columns) share the matrix's norm
     target = (index.n if rows else index.m).sqrt()[matrix_of]  # each row gets norm sqrt(n)
     scale.copy_(target / floor_norms(norms, matrix_of, fro, count, eps))
-
-
-def matrix_bytes(f: MatrixFragment) -> int:
-    """fp32 bytes of a whole matrix (the unit of chunk budgets)."""
-    return 4 * f.m * f.n

@@ -1,15 +1,19 @@
 """The ``torch.optim.Optimizer`` base shared by SWAN, SinkGD and SGD-SaI.
 
 ``step()`` is the same for every backend:
-  1. *gather work*: each tensor of each param group is turned into weight shards by a layout resolved
-     now (DTensor -> FSDP2 rows; DeepSpeed flat partition -> the integration's layout; DDP -> replicated;
-     else the whole tensor);
+  1. *gather work*: each tensor of each param group is turned into weight shards by the first layout
+     of ``self.layouts`` that recognises it (DeepSpeed's flat partitions when attached, DTensors,
+     DDP replicas, else the whole tensor; ``layouts.py``), resolved now, never cached;
   2. *screen*: one batched reduction of per-weight sums of squares, one host sync. A NaN/Inf anywhere
-     skips the step on every rank (counted in ``skipped_steps``); a weight whose gradient is zero
-     everywhere is left alone (no update, no weight decay, no counter: the zero-gradient ``step()``
-     that ``torch.distributed.checkpoint`` runs on save/load changes nothing; it only allocates the
-     zero-filled state of stateful rules, which DCP needs as the template to load into);
-  3. *update*: the subclass's rule on the live weights of each group, applied to the local fragments.
+     skips the step on every rank of every group the weights live in (counted in ``skipped_steps``);
+     a weight whose gradient is zero everywhere is left alone (no update, no weight decay, no counter:
+     the zero-gradient ``step()`` that ``torch.distributed.checkpoint`` runs on save/load changes
+     nothing; it only allocates the zero-filled state of stateful rules, which DCP needs as the
+     template to load into);
+  3. *update*: the subclass's rule on the live weights of each group, applied to the local pieces.
+
+``MatrixRuleOptimizer`` adds what SWAN and SinkGD share: groups split into matrix rule and fallback,
+matrices cut out of the shards and batched into runs that share their collectives.
 """
 
 from __future__ import annotations
@@ -17,55 +21,30 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .collectives import Collectives
+from .collectives import Collectives, group_ref
 from .config import validate, validate_group
-from .fragments import DTensorLayout, LocalLayout, ReplicatedLayout, WeightShard
-from .ops import stochastic_round_
+from .fallback import adamw_fallback, adamw_state, stateless_fallback
+from .layouts import Layout, MatrixFragment, WeightShard, batch_runs, default_layouts, split_matrices, true_shape
+from .precision import stochastic_round_
 
 log = logging.getLogger("stateless_opt")
 
-# Params known to live in a DDP-wrapped model (filled by ``param_groups(ddp_model)``): their
-# gradients are identical on every rank of the group, so whole-matrix work can be split.
-# Keyed by identity: a ``weakref.WeakKeyDictionary`` compares tensor keys with ``==`` (elementwise,
-# "Boolean value of Tensor ... is ambiguous" on every lookup of a registered parameter).
-REPLICATED_PARAMS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
-# Small per-weight state read on the host every step (SGD-SaI's scales): kept on the CPU, in fp32.
-HOST_STATE = {"gsnr"}
+class StateSize(NamedTuple):
+    """Optimizer state a rule keeps for one tensor it steps, after its first step (the memory report's
+    formula and prediction): ``per_element`` bytes per element of the stepped tensor, ``per_tensor``
+    bytes per stepped tensor (AdamW's step counter), ``per_weight`` bytes per model weight the tensor
+    holds pieces of (SGD-SaI's scale; a ZeRO partition holds many), scalars on the host or not."""
 
-FLAT_PARTITION_HINT = (
-    "this optimizer is being stepped on a flattened tensor (a DeepSpeed ZeRO partition?) with no layout "
-    "attached; `import stateless_opt.integrations.deepspeed` before `deepspeed.initialize(...)` so the "
-    "optimizer knows which weights the partition holds"
-)
-
-
-def true_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The weight's real shape, also under ZeRO-3 ``zero.Init`` (where ``p.shape`` is (0,))."""
-    ds_shape = getattr(p, "ds_shape", None)
-    return tuple(ds_shape) if ds_shape is not None else tuple(p.shape)
-
-
-def is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def local_views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data, grad) as plain local tensors: the DTensor's local shard, else the tensor itself."""
-    if is_dtensor(t):
-        g = t.grad
-        return t.to_local(), (g.to_local() if is_dtensor(g) else g)
-    return t.data, t.grad
+    per_element: float = 0.0
+    per_tensor: int = 0
+    per_weight: int = 0
+    scalars_on_host: bool = True
 
 
 @dataclass
@@ -79,15 +58,24 @@ class GroupWork:
 
 
 class StatelessOptimizer(torch.optim.Optimizer):
-    """Common machinery; subclasses set ``config_cls`` and implement ``_step_group``."""
+    """Common machinery; subclasses set ``config_cls`` and implement ``_step_group`` (and
+    ``state_size`` if they keep state).
+
+    ``replicate_group``: the process group over which the weights' gradients are identical (DDP; a
+    ``ProcessGroup``, ``True`` for the default group, or ``None``: not replicated, unless a param
+    group says so, as ``param_groups(ddp_model)`` does). It is kept by name in each param group
+    (``"replicate_group"``), so ``state_dict()``, deepcopy and pickle carry it.
+    """
 
     config_cls: type
     uses_rules = True  # SWAN/SinkGD split matrix vs fallback; SGD-SaI is elementwise on everything
+    host_state: frozenset = frozenset()  # state keys kept on the host in fp32 (read there every step)
 
     def __init__(self, params: Iterable, lr: float, *, replicate_group=None, **hyperparameters):
         name = type(self).__name__
         config = validate(self.config_cls, {"lr": lr, **hyperparameters}, f"{name} arguments")
         defaults = config.model_dump()
+        defaults["replicate_group"] = group_ref(replicate_group)
         groups = list(params) if not isinstance(params, torch.Tensor) else [params]
         if not groups:
             raise ValueError(f"{name} got an empty parameter list")
@@ -97,19 +85,24 @@ class StatelessOptimizer(torch.optim.Optimizer):
         for i, g in enumerate(groups):
             g = dict(g)
             g["params"] = list(g["params"]) if not isinstance(g["params"], torch.Tensor) else [g["params"]]
+            if "replicate_group" in g:
+                g["replicate_group"] = group_ref(g["replicate_group"])
             validate_group(self.config_cls, {**defaults, **g}, f"{name} param group {i}")
             prepared.extend(self._split_by_rule(g, i) if self.uses_rules else [g])
         super().__init__(prepared, defaults)
         for g in self.param_groups:
             g.setdefault("step", 0)
             g.setdefault("skipped_steps", 0)
-            # True shapes at construction: ``rule_counts()`` and the flat-partition check below need
-            # them once a backend (ZeRO) has replaced the tensors by flat partitions.
+            # True shapes at construction: ``rule_counts()`` and the flat-partition check of the layouts
+            # need them once a backend (ZeRO) has replaced the tensors by flat partitions.
             g.setdefault("_shapes", [true_shape(p) for p in g["params"]])
-        self.replicate_group = replicate_group
-        self.layout_provider = None  # set by integrations whose param_groups hold flat partitions
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        """What a step needs besides ``defaults``/``state``/``param_groups`` (rebuilt after unpickling)."""
+        self.layouts: list[Layout] = default_layouts()  # consulted in order at every step
         self._comms: dict[Any, Collectives] = {}
-        # device index tensors of each chunk layout (batching.chunk_geometry), built at the first step
+        # device index tensors of each chunk layout (row_col_norms.chunk_geometry), built at the first step
         self.geometry_cache: dict = {}
         self._logged_rules = False
 
@@ -155,6 +148,12 @@ class StatelessOptimizer(torch.optim.Optimizer):
             c["params"] += sum(math.prod(s) for s in shapes)
         return out
 
+    @classmethod
+    def state_size(cls, group: dict, element_bytes: int) -> StateSize:
+        """The state this optimizer keeps per tensor of ``group`` (``element_bytes``: the stepped
+        tensor's dtype size). Stateless by default."""
+        return StateSize()
+
     def _log_rules_once(self) -> None:
         if not self._logged_rules:
             self._logged_rules = True
@@ -165,27 +164,31 @@ class StatelessOptimizer(torch.optim.Optimizer):
         """Steps skipped because a gradient was NaN/Inf."""
         return max((g.get("skipped_steps", 0) for g in self.param_groups), default=0)
 
-    # ------------------------------------------------------------------ layouts
-    def _layout(self, tensor: torch.Tensor, group: dict):
-        if self.layout_provider is not None:
-            return self.layout_provider
-        if is_dtensor(tensor):
-            return DTensorLayout()
-        if self.uses_rules and group.get("rule") == "matrix" and tensor.dim() < 2:
-            raise RuntimeError(FLAT_PARTITION_HINT)
-        shapes = group.get("_shapes")
-        if tensor.dim() == 1 and shapes and tuple(tensor.shape) not in {tuple(s) for s in shapes}:
-            # A 1-D tensor shaped like none of the group's weights: a flat partition (SGD-SaI and the
-            # fallback would otherwise treat the whole partition as one weight, silently wrong).
-            raise RuntimeError(FLAT_PARTITION_HINT)
-        rg = self.replicate_group
-        if rg is None:
-            rg = REPLICATED_PARAMS.get(tensor)
-        if rg is not None and rg is not False and dist.is_initialized():
-            pg = None if rg is True else rg
-            if dist.get_world_size(pg) > 1:
-                return ReplicatedLayout(pg)
-        return LocalLayout()
+    @property
+    def replicate_group(self):
+        """The default ``replicate_group`` of the param groups (see the class docstring)."""
+        return self.defaults.get("replicate_group")
+
+    @replicate_group.setter
+    def replicate_group(self, group) -> None:
+        ref = group_ref(group)
+        self.defaults["replicate_group"] = ref
+        for g in self.param_groups:
+            g["replicate_group"] = ref
+
+    # ------------------------------------------------------------------ layouts and collectives
+    def add_layout(self, layout: Layout) -> None:
+        """Consult ``layout`` first from now on (an engine whose tensors need it, e.g. DeepSpeed ZeRO's
+        flat partitions); replaces a layout of the same type."""
+        self.layouts = [layout] + [lay for lay in self.layouts if type(lay) is not type(layout)]
+
+    def _shards(self, tensor: torch.Tensor, group: dict, key: tuple) -> list[WeightShard]:
+        for layout in self.layouts:
+            out = layout.shards(tensor, group, key)
+            if out is not None:
+                return out
+        raise RuntimeError(f"{type(self).__name__}: no layout of {self.layouts} describes a tensor of shape "
+                           f"{tuple(tensor.shape)}")
 
     def _comm(self, shard: WeightShard) -> Collectives:
         return self._group_comm(shard.group, shard.world)
@@ -196,6 +199,11 @@ class StatelessOptimizer(torch.optim.Optimizer):
         if comm is None:
             comm = self._comms[key] = Collectives(group, single=(world == 1))
         return comm
+
+    def _comms_for(self, groups: tuple) -> list[Collectives]:
+        """The collectives of each process group in ``groups`` (one-rank groups dropped)."""
+        out = [self._group_comm(g, dist.get_world_size(g)) for g in groups]
+        return [c for c in out if c.world > 1]
 
     def bytes_sent(self) -> int:
         """Payload bytes this rank handed to collectives since the last ``reset_comm_counters()``."""
@@ -241,7 +249,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
                 if t.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 units.append(t)
-                shards.append(self._layout(t, group).shards(t, gi, pos))
+                shards.append(self._shards(t, group, (gi, pos)))
             if units:
                 work.append(GroupWork(gi, group, units, shards))
         return work
@@ -252,9 +260,9 @@ class StatelessOptimizer(torch.optim.Optimizer):
         weights.
 
         Each group's vector carries one extra element, the count of non-finite local sums seen so far,
-        and is reduced also over groups whose shards are replicated (DDP) and then over the replicate
-        dims of HSDP (one scalar): a NaN that appears on one rank after the backend's reduction still
-        skips the step on every rank, so replicas never diverge."""
+        and is reduced also over every other group the weights live in (``WeightShard.process_groups``:
+        DDP replicas, HSDP's replicate dims), one scalar each: a NaN that appears on one rank after the
+        backend's reduction still skips the step on every rank, so replicas never diverge."""
         all_shards = [s for w in work for shards in w.shards for s in shards]
         norms = torch._foreach_norm([s.grad for s in all_shards], 2, dtype=torch.float32)
         sumsq = torch.stack(norms).square_()
@@ -268,8 +276,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
                 idx = by_comm.setdefault(id(c), [])
                 if not s.replicated:
                     idx.append(i)
-            for g in s.agree_groups:
-                c = self._group_comm(g, dist.get_world_size(g))
+            for c in self._comms_for(s.process_groups):
                 agree[id(c)] = c
         bad = (~torch.isfinite(sumsq)).sum(dtype=torch.float32).reshape(1)
         for cid, idx in by_comm.items():
@@ -298,7 +305,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ applying updates
     def _apply(self, params: list[torch.Tensor], updates: list[torch.Tensor], lr: float, weight_decay: float,
                group: dict, scales: list[float] | None = None) -> None:
-        """W <- (1 - lr*wd) W - lr * scale * U on local fragments (``scales`` default to 1). fp32 weights
+        """W <- (1 - lr*wd) W - lr * scale * U on local pieces (``scales`` default to 1). fp32 weights
         in place; low-precision weights through fp32 and, by default, stochastic rounding (seeded by the
         step, so a resumed run replays the same rounding)."""
         decay = 1.0 - lr * weight_decay
@@ -334,8 +341,12 @@ class StatelessOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts every floating state tensor to its parameter's dtype on load; ours are fp32 by
-        design (fallback moments of bf16 weights, SGD-SaI scales), so restore their saved dtype."""
+        design (fallback moments of bf16 weights, SGD-SaI scales), so restore their saved dtype. Where
+        the gradients are replicated is a fact of this run, not of the checkpoint: it is kept."""
+        live_replicas = [g.get("replicate_group") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, ref in zip(self.param_groups, live_replicas):
+            g["replicate_group"] = ref
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -343,7 +354,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
             if not saved or p not in self.state:
                 continue
             for k, v in saved.items():
-                if k in HOST_STATE:
+                if k in self.host_state:
                     self.state[p][k] = v.detach().to("cpu", torch.float32).clone()
                 elif torch.is_tensor(v) and v.dtype == torch.float32 and self.state[p][k].dtype != torch.float32:
                     self.state[p][k] = v.to(device=self.state[p][k].device)
@@ -352,8 +363,57 @@ class StatelessOptimizer(torch.optim.Optimizer):
             g.setdefault("skipped_steps", 0)
 
     def __setstate__(self, state: dict) -> None:
+        """Unpickling / deepcopy (a fresh object: default layouts, empty caches), and torch's
+        ``load_state_dict``, which calls this on the live object (attached layouts are kept)."""
         super().__setstate__(state)
-        self.__dict__.setdefault("layout_provider", None)
-        self.__dict__.setdefault("replicate_group", None)
-        self.__dict__.setdefault("_comms", {})
-        self.__dict__.setdefault("_logged_rules", False)
+        self.defaults.setdefault("replicate_group", None)
+        for g in self.param_groups:
+            g.setdefault("replicate_group", self.defaults["replicate_group"])
+        if "layouts" not in self.__dict__:
+            self._init_runtime()
+
+
+class MatrixRuleOptimizer(StatelessOptimizer):
+    """What SWAN and SinkGD share: matrix-rule groups go to the subclass's ``_matrix_update`` on matrix
+    fragments (one call per run of fragments that share their collectives); fallback groups
+    (embeddings, LM head, 0-/1-D) take AdamW or the stateless row-wise rule at ``lr *
+    fallback_lr_ratio`` (applied here, so a scheduler writing one LR into every group keeps the ratio)."""
+
+    uses_rules = True
+
+    @classmethod
+    def state_size(cls, group: dict, element_bytes: int) -> StateSize:
+        """0 on matrix-rule weights; the AdamW fallback's two fp32 moments and its host step counter."""
+        if group.get("rule") == "fallback" and group.get("fallback", "adamw") == "adamw":
+            return StateSize(per_element=8.0, per_tensor=4)
+        return StateSize()
+
+    def _ensure_state(self, group, units, shards) -> None:
+        if group["rule"] == "fallback" and group["fallback"] == "adamw":
+            for t in units:
+                adamw_state(self.state[t], t)
+
+    def _step_group(self, group, units, live) -> None:
+        shards = [s for _, ss in units for s in ss]
+        if group["rule"] == "fallback":
+            lr = group["lr"] * group["fallback_lr_ratio"]
+            if group["fallback"] == "adamw":
+                adamw_fallback(self, group, [u for u, _ in units], lr)
+            else:
+                stateless_fallback(self, group, shards, lr)
+            return
+        frags = [f for s in shards for f in split_matrices(s, group.get("batch_dims", 0))]
+        for run in batch_runs(frags):
+            self._matrix_update(group, run, self._comm(run[0].weight), group["lr"])
+
+    def _matrix_update(self, group: dict, frags: list[MatrixFragment], comm: Collectives, lr: float) -> None:
+        """The rule on ``frags`` (one global order, same collectives; ``comm``: their ``group``'s)."""
+        raise NotImplementedError
+
+    def _row_col_comms(self, frags: list[MatrixFragment]) -> tuple[list[Collectives], list[Collectives]]:
+        """The collectives over which this run's row and column statistics add up."""
+        w = frags[0].weight
+        return self._comms_for(w.row_groups), self._comms_for(w.col_groups)
+
+    def _apply_fragments(self, group: dict, frags: list[MatrixFragment], updates, lr: float) -> None:
+        self._apply([f.param for f in frags], list(updates), lr, group["weight_decay"], group)

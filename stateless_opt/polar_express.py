@@ -48,6 +48,8 @@ import math
 
 import torch
 
+from .precision import TINY, matmul_fp32
+
 # Upper end of every design interval inflated by this much: covers rounding above the bound.
 PE_MARGIN = 0.02
 # Design intervals are never narrower than [PE_MAX_RATIO * hi, hi].
@@ -62,8 +64,6 @@ PAD = 64
 # gradnorm_axis="stored_rows") eigenvalues of ~ +-1e-8; a negative one makes q(s) = a + b s + c s^2 > a,
 # so R = M A M^T grows there by a^2 per step and overflows after ~10 steps. The ridge keeps it positive.
 GRAM_RIDGE = 1e-7
-# Smallest norm we divide by (a zero matrix stays zero).
-TINY = 1e-30
 
 
 # ------------------------------------------------------------------------------------ coefficients
@@ -150,45 +150,8 @@ def polar_express_coefficients(steps: int, lower: float) -> tuple[tuple[float, f
     return tuple(s[:3] for s in polar_express_schedule(steps, lower))
 
 
-# ------------------------------------------------------------------------------------ defaults
-# Iterations when ``ns_steps`` is left at None, and the schedule's lower bound (measured, see
-# docs/algorithms.md). bf16: 5 steps from 1e-2, the cheapest schedule that kept every non-square matrix
-# we tried within the 2% bar: 60 random Gaussian shapes (worst 1.1%) and real LLaMA gradients at the
-# 60m/350m/1.3b widths (worst 0.98%). 4 steps (from 1.5e-2, best for 4) also hold the bar on Gaussians
-# (worst 0.86%) but reach 7-8% on 1.3b gate/up gradients (GradNorm'd condition number ~150), more than
-# Newton-Schulz's 5%. fp32: 7 steps, converged to fp32 accuracy (~1e-6) on those. Newton-Schulz: 12.
-DEFAULT_STEPS = {
-    ("polar_express", "bfloat16"): 5,
-    ("polar_express", "float32"): 7,
-    ("newton_schulz", "float32"): 12,
-}
+# The schedule's default lower bound (measured with SWAN's defaults, see docs/algorithms.md).
 PE_LOWER = 1e-2
-
-
-def matmul_precision(name: str, device: torch.device) -> str:
-    """``"auto"`` -> "bfloat16" on CUDA (tensor cores, half the bytes) and "float32" elsewhere (a CPU
-    gains nothing from bf16 matmuls); other names pass through. Shared by SWAN's Polar Express and
-    SinkGD's statistics."""
-    if name == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return name
-
-
-def whitening_plan(
-    method: str, ns_steps: int | None, whitening_dtype: str, device: torch.device
-) -> tuple[int, str]:
-    """(iterations, matmul dtype) for a SWAN group: ``whitening_dtype="auto"`` is bfloat16 for Polar
-    Express on CUDA (tensor cores) and float32 elsewhere (a CPU gains nothing from bf16 matmuls);
-    Newton-Schulz and eigh always run in fp32; ``ns_steps=None`` takes ``DEFAULT_STEPS``."""
-    if method == "polar_express":
-        dtype = matmul_precision(whitening_dtype, device)
-    else:
-        if whitening_dtype == "bfloat16":
-            raise ValueError(f"whitening_dtype='bfloat16' needs whitening='polar_express', got {method!r}")
-        dtype = "float32"
-    if ns_steps is None:
-        ns_steps = DEFAULT_STEPS.get((method, dtype), 0)  # eigh: no iterations
-    return ns_steps, dtype
 
 
 # ------------------------------------------------------------------------------------ cost model
@@ -229,10 +192,10 @@ def polar_express(
         if gram_side:
             raise ValueError("gram_side needs dtype='float32'")
         m, n = x.shape[-2:]
-        ops = _ops(x.device)
+        ops = bf16_ops(x.device)
         xs = ops.empty_padded(x.shape, x.device)
         torch.div(x, fro, out=xs[..., :m, :n])
-        return _direct_bf16(ops.load(xs), steps, lower, ops)[..., :m, :n].float()
+        return direct_bf16(ops.load(xs), steps, lower, ops)[..., :m, :n].float()
     if dtype != "float32":
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if gram_side:
@@ -308,10 +271,7 @@ class _NativeBF16:
         return torch.bmm(a, b)
 
     def mm_fp32(self, a, b):
-        try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            return torch.bmm(a, b).float()
+        return matmul_fp32(a, b)
 
     def addmm(self, c, a, b, beta: float, alpha: float = 1.0):
         """beta * c + alpha * (a @ b), combined in fp32 by the matmul epilogue, rounded once to bf16."""
@@ -344,11 +304,11 @@ class _EmulatedBF16(_NativeBF16):
         return self.cast(torch.baddbmm(c, a, b, beta=beta, alpha=alpha))
 
 
-def _ops(device: torch.device) -> _NativeBF16:
+def bf16_ops(device: torch.device) -> _NativeBF16:
     return _NativeBF16() if device.type == "cuda" else _EmulatedBF16()
 
 
-def _direct_bf16(xs: torch.Tensor, steps: int, lower: float, ops: _NativeBF16) -> torch.Tensor:
+def direct_bf16(xs: torch.Tensor, steps: int, lower: float, ops: _NativeBF16) -> torch.Tensor:
     """The direct iteration in bf16 on ``xs`` (B, m, n) holding bf16 values with sigma_max <= 1 (e.g.
     divided by its Frobenius norm). Returns the last iterate (bf16 values, padded as given).
 
@@ -375,57 +335,3 @@ def _direct_bf16(xs: torch.Tensor, steps: int, lower: float, ops: _NativeBF16) -
             xs = ops.addmm(xs, poly, xs, beta=a)
         del poly
     return xs
-
-
-# ------------------------------------------------------------------------------------ SWAN's direction
-def swan_polar_express(
-    g: torch.Tensor, *, eps: float, steps: int, lower: float, dtype: str, gradnorm_axis: str = "oriented"
-) -> torch.Tensor:
-    """SWAN's direction for whole matrices g (B, M, N) with Polar Express whitening, fp32 out, RMS 1.
-
-    GradNorm, whitening, and then two exact steps on the output: it is re-centred along the axis
-    GradNorm centred (the exact polar factor on the range has zero means there: G~ 1 = 0 puts 1 in
-    its null space, so this orthogonal projection can only reduce the error; it removes the null
-    direction that rounding noise and the odd polynomials' growth near 0 would otherwise turn on, e.g.
-    for square weights), and scaled to RMS 1. In bf16 the statistics are taken with fused reductions
-    (mean and variance in one pass, the Frobenius norm of G~ from them) and G~ / ||G~||_F is written
-    straight into the padded bf16 buffer, so the fp32 matrix is read twice and the result written once.
-    """
-    x = g.float()
-    transposed = x.shape[-2] > x.shape[-1]
-    xo = x.transpose(-2, -1) if transposed else x
-    # The axis GradNorm standardises, in the oriented (m <= n) view: -1 = rows, -2 = columns.
-    axis = -2 if (gradnorm_axis == "stored_rows" and transposed) else -1
-    m, n = xo.shape[-2:]
-    if dtype == "float32":
-        d = polar_express(_gradnorm_axis(xo, eps, axis), steps, lower, "float32")
-    elif dtype == "bfloat16":
-        count = xo.shape[axis]
-        var, mean = torch.var_mean(xo, dim=axis, correction=0, keepdim=True)
-        scale = var.sqrt().add_(eps).reciprocal_()
-        scale = torch.where(var > 0, scale, torch.zeros_like(scale))  # zero-spread rows: exactly 0
-        # ||G~||_F^2 = sum over rows of count * var * scale^2, without another pass over G
-        fro = (var * scale.square()).sum(dim=(-2, -1), keepdim=True).mul_(count).sqrt_()
-        scale = torch.where(fro > 0, scale / fro.clamp_min(TINY), torch.zeros_like(scale))
-        ops = _ops(x.device)
-        xs = ops.empty_padded(xo.shape, x.device)
-        torch.addcmul(-mean * scale, xo, scale, out=xs[..., :m, :n])  # (x - mean) * scale, in one pass
-        del var, mean, scale, fro
-        d = _direct_bf16(ops.load(xs), steps, lower, ops)[..., :m, :n]
-    else:
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    # Re-centre along GradNorm's axis and scale to RMS 1: the statistics in one fused pass (per-row
-    # Welford, accurate where a flat fp32 sum over millions of entries is not), one write.
-    var, mean = torch.var_mean(d, dim=axis, correction=0, keepdim=True)
-    norm = var.float().sum(dim=(-2, -1), keepdim=True).mul_(d.shape[axis]).sqrt_()
-    scale = math.sqrt(m * n) / norm.clamp_min(TINY)
-    out = torch.empty(xo.shape[:-2] + ((n, m) if transposed else (m, n)), dtype=torch.float32, device=x.device)
-    torch.addcmul(-mean.float() * scale, d, scale, out=out.transpose(-2, -1) if transposed else out)
-    return out
-
-
-def _gradnorm_axis(x: torch.Tensor, eps: float, axis: int) -> torch.Tensor:
-    """GradNorm along ``axis`` (-1: rows, -2: columns): (x - mean) / (population std + eps)."""
-    centred = x - x.mean(dim=axis, keepdim=True)
-    std = centred.square().mean(dim=axis, keepdim=True).sqrt_()
-    return centred.div_(std.add_(eps))

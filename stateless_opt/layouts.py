@@ -1,0 +1,427 @@
+"""Layouts: which piece of each weight this rank holds, and over which process groups.
+
+Every backend reduces to one picture. A weight is viewed as a matrix (``shape[0]`` rows, the product
+of the other dims as columns); each rank of a process group holds a piece of it, stored row-major and
+contiguous in a local tensor:
+
+* a ``FlatRange`` [start, end) of the flattened weight: whole tensors (one process, DDP), FSDP2's
+  ``Shard(0)`` rows, and ZeRO's flat partitions, which start and end mid-row;
+* a ``Box`` rows [r0, r1) x columns [c0, c1): a column split (tensor parallel ``Shard(1)``) or both.
+
+A ``WeightShard`` is this rank's piece plus every rank's extent (so collectives are sized without
+asking), with the process groups named by what travels over them: ``group`` holds the pieces (whole
+matrices are gathered to owners over it, scalar statistics add up over it), ``row_groups`` are where
+the partial sums of a row add up (its columns are split over them), ``col_groups`` likewise for
+columns, ``agree_groups`` hold copies (HSDP's replicate dims) and only vote on skipping a step.
+
+*Layouts* turn what sits in ``param_group["params"]`` into ``WeightShard``s. An optimizer consults its
+ordered list ``optimizer.layouts`` at every ``step()`` (never cached: accelerate and ZeRO-3 swap the
+tensors in ``param_groups``); the first layout that recognises a tensor answers. The defaults are
+``DTensorLayout`` (FSDP2/HSDP), ``ReplicatedLayout`` (DDP: the group's ``replicate_group``) and
+``LocalLayout``; an engine that hands the optimizer tensors of its own (DeepSpeed's ZeRO partitions,
+``stateless_opt.integrations.deepspeed``) puts its layout first with ``optimizer.add_layout``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .collectives import replica_group
+
+
+# ------------------------------------------------------------------------------------ extents
+class Piece(NamedTuple):
+    """A rectangle ``rows [r0, r1) x cols [c0, c1)`` of a matrix, stored row-major contiguously in a
+    rank's local tensor at flat ``offset``."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return (self.r1 - self.r0) * (self.c1 - self.c0)
+
+
+def pieces(n: int, start: int, end: int) -> tuple[Piece, ...]:
+    """Split the flat range [start, end) of a matrix with ``n`` columns into at most three pieces:
+    a partial first row, whole rows, a partial last row. Rows cut mid-way (ZeRO) are the normal case."""
+    if start >= end:
+        return ()
+    rs, cs = divmod(start, n)
+    re_, ce = divmod(end, n)
+    if rs == re_:
+        return (Piece(rs, rs + 1, cs, ce, 0),)
+    out, offset, body_start = [], 0, rs
+    if cs:
+        out.append(Piece(rs, rs + 1, cs, n, 0))
+        offset, body_start = n - cs, rs + 1
+    if re_ > body_start:
+        out.append(Piece(body_start, re_, 0, n, offset))
+        offset += (re_ - body_start) * n
+    if ce:
+        out.append(Piece(re_, re_ + 1, 0, ce, offset))
+    return tuple(out)
+
+
+class FlatRange(NamedTuple):
+    """Elements [start, end) of a row-major matrix (or of a flattened weight)."""
+
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return max(self.end - self.start, 0)
+
+    def pieces(self, m: int, n: int) -> tuple[Piece, ...]:
+        return pieces(n, self.start, self.end)
+
+    def cuts_rows(self, m: int, n: int) -> bool:
+        """Some row is only partly here (ZeRO cuts mid-row)."""
+        return self.numel > 0 and bool(self.start % n or self.end % n)
+
+    def cuts_cols(self, m: int, n: int) -> bool:
+        return self.numel > 0 and self.numel < m * n
+
+    def kernel_view(self, m: int, n: int) -> tuple[int, int, int, int, int, int]:
+        """(rows r0, r1, cols c0, c1, start, width): this piece as the fused kernels address it, the flat
+        range [start, start + numel) of a matrix of ``width`` columns whose scale vectors are rows
+        [r0, r1) and columns [c0, c1) of the whole matrix's."""
+        return 0, m, 0, n, self.start, n
+
+    def take(self, whole: torch.Tensor) -> torch.Tensor:
+        """This piece of an (m, n) matrix, flat in local order (a view where possible)."""
+        return whole.reshape(-1)[self.start : self.end]
+
+    def put(self, whole: torch.Tensor, local: torch.Tensor) -> None:
+        """Write this rank's flat ``local`` data into its place in the contiguous (m, n) ``whole``."""
+        whole.view(-1)[self.start : self.end] = local
+
+    def clip(self, lo: int, hi: int) -> "FlatRange":
+        """The part inside [lo, hi), relative to lo (empty as (0, 0))."""
+        s, e = max(self.start, lo), min(self.end, hi)
+        return FlatRange(s - lo, e - lo) if s < e else FlatRange(0, 0)
+
+
+class Box(NamedTuple):
+    """Rows [r0, r1) x columns [c0, c1) of a matrix, stored row-major contiguously (a tensor-parallel
+    column split, or rows x columns of a 2-D mesh)."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    @property
+    def numel(self) -> int:
+        return max(self.r1 - self.r0, 0) * max(self.c1 - self.c0, 0)
+
+    def pieces(self, m: int, n: int) -> tuple[Piece, ...]:
+        return (Piece(self.r0, self.r1, self.c0, self.c1, 0),) if self.numel else ()
+
+    def cuts_rows(self, m: int, n: int) -> bool:
+        return self.numel > 0 and (self.c0 > 0 or self.c1 < n)
+
+    def cuts_cols(self, m: int, n: int) -> bool:
+        return self.numel > 0 and (self.r0 > 0 or self.r1 < m)
+
+    def kernel_view(self, m: int, n: int) -> tuple[int, int, int, int, int, int]:
+        return self.r0, self.r1, self.c0, self.c1, 0, self.c1 - self.c0
+
+    def take(self, whole: torch.Tensor) -> torch.Tensor:
+        return whole[self.r0 : self.r1, self.c0 : self.c1].reshape(-1)
+
+    def put(self, whole: torch.Tensor, local: torch.Tensor) -> None:
+        whole[self.r0 : self.r1, self.c0 : self.c1] = local.view(self.r1 - self.r0, self.c1 - self.c0)
+
+
+Extent = FlatRange | Box
+
+
+# ------------------------------------------------------------------------------------ shards
+@dataclass
+class WeightShard:
+    """This rank's piece of one weight, every rank's extent, and the process groups (see the module
+    docstring). ``replicated``: every rank of ``group`` holds the whole, identical gradient (DDP), so
+    statistics need no reduction and whole-matrix work may be split over the ranks."""
+
+    key: tuple  # stable identity of the weight inside its param group, equal on all ranks
+    shape: tuple[int, ...]  # the weight's true (full, unsharded) shape
+    extents: list[Extent]  # per rank of ``group``: flat ranges of the flattened weight, or boxes of its matrix view
+    rank: int  # this rank's index in ``group``
+    grad: torch.Tensor  # 1-D view of the local gradient, numel == extents[rank].numel
+    param: torch.Tensor  # 1-D view of the local weight to update (the fp32 master under ZeRO), same numel
+    group: dist.ProcessGroup | None = None  # None: the default group (or one process when world == 1)
+    replicated: bool = False
+    row_groups: tuple = ()  # where row statistics add up: groups the columns are split over
+    col_groups: tuple = ()  # where column statistics add up: groups the rows are split over
+    agree_groups: tuple = ()  # copies of this piece (HSDP replicate dims): they only vote on skipping a step
+    unit_index: int = 0  # which weight of the unit tensor (a ZeRO flat partition holds many)
+    offset: int = 0  # where this weight's local piece starts in the unit's local flat tensor
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def local(self) -> Extent:
+        return self.extents[self.rank]
+
+    @property
+    def world(self) -> int:
+        return len(self.extents)
+
+    @property
+    def process_groups(self) -> tuple:
+        """Every process group this weight lives in (pieces, statistics, copies), each once: the ranks
+        that must agree on every decision about it (e.g. skipping a step)."""
+        out = []
+        if self.world > 1:
+            out.append(self.group)
+        for g in (*self.row_groups, *self.col_groups, *self.agree_groups):
+            if not any(g is o for o in out):
+                out.append(g)
+        return tuple(out)
+
+    @property
+    def signature(self) -> tuple:
+        """Weights with equal signatures share one batched executor call (the same collectives)."""
+        return (self.group, self.world, self.replicated, self.row_groups, self.col_groups)
+
+
+@dataclass
+class MatrixFragment:
+    """This rank's piece of one (m x n) matrix of a weight.
+
+    A weight of ``ndim >= 2`` is viewed as ``batch`` matrices of shape ``(shape[k], prod(rest))``
+    where ``k`` is the number of leading batch dims (0 for Linear/conv, 1 for experts stored as
+    (E, out, in)). Extents here are relative to the matrix, not to the weight.
+    """
+
+    weight: WeightShard
+    index: int  # which matrix of the weight (0 unless there are batch dims)
+    m: int
+    n: int
+    extents: list[Extent]
+    grad: torch.Tensor
+    param: torch.Tensor
+
+    @property
+    def key(self) -> tuple:
+        return (*self.weight.key, self.index)
+
+    @property
+    def local(self) -> Extent:
+        return self.extents[self.weight.rank]
+
+    @property
+    def whole_bytes(self) -> int:
+        """fp32 bytes of the whole matrix (the unit of chunk budgets)."""
+        return 4 * self.m * self.n
+
+
+def matrix_shape(shape: Sequence[int], batch_dims: int = 0) -> tuple[int, int, int]:
+    """(count, m, n) of the matrices a weight is viewed as; conv weights become (out, in*kh*kw)."""
+    shape = tuple(shape)
+    if len(shape) < 2 + batch_dims:
+        raise ValueError(
+            f"a matrix-rule weight needs at least {2 + batch_dims} dims (batch_dims={batch_dims}), "
+            f"got shape {shape}"
+        )
+    count = math.prod(shape[:batch_dims])
+    return count, shape[batch_dims], math.prod(shape[batch_dims + 1 :])
+
+
+def split_matrices(
+    shard: WeightShard, batch_dims: int = 0, shape2d: tuple[int, int] | None = None
+) -> list[MatrixFragment]:
+    """Cut a weight's shard into per-matrix fragments (every matrix is listed, even if not held).
+    ``shape2d`` views the whole weight as one (m, n) matrix instead (1-D tensors as one row)."""
+    count, m, n = (1, *shape2d) if shape2d else matrix_shape(shard.shape, batch_dims)
+    if any(isinstance(e, Box) for e in shard.extents):
+        if count != 1:
+            raise NotImplementedError(f"box shards of weights with batch dims (shape {shard.shape}) are not supported")
+        return [MatrixFragment(shard, 0, m, n, list(shard.extents), shard.grad, shard.param)]
+    size = m * n
+    start = shard.local.start
+    out = []
+    for b in range(count):
+        lo, hi = b * size, (b + 1) * size
+        extents = [e.clip(lo, hi) for e in shard.extents]
+        s, e = extents[shard.rank]
+        a = (lo + s) - start if e > s else 0
+        out.append(MatrixFragment(shard, b, m, n, extents, shard.grad[a : a + e - s], shard.param[a : a + e - s]))
+    return out
+
+
+def batch_runs(frags: Sequence[MatrixFragment]) -> list[list[MatrixFragment]]:
+    """The fragments in one global order every rank agrees on, split into runs that share a signature
+    (the same collectives): runs in order of first appearance, and inside each, same shapes together
+    (batching), then by position. Usually one run: a param group has one layout."""
+    ordered = sorted(frags, key=lambda f: (f.m, f.n, f.key))
+    runs: list[list[MatrixFragment]] = []
+    for f in ordered:
+        sig = f.weight.signature
+        run = next((r for r in runs if _same(r[0].weight.signature, sig)), None)
+        if run is None:
+            runs.append([f])
+        else:
+            run.append(f)
+    return runs
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Signatures compare process groups by identity (a ProcessGroup's == is identity anyway)."""
+    return len(a) == len(b) and all(
+        (x is y) if not isinstance(x, tuple) else (len(x) == len(y) and all(p is q for p, q in zip(x, y)))
+        for x, y in zip(a, b)
+    )
+
+
+# ------------------------------------------------------------------------------------ layouts
+class Layout(Protocol):
+    """Turns one tensor of ``param_group["params"]`` into the weight shards it holds, or returns None
+    when the tensor is not of its kind (the next layout in ``optimizer.layouts`` is asked)."""
+
+    def shards(self, tensor: torch.Tensor, group: dict, key: tuple) -> list[WeightShard] | None: ...
+
+
+FLAT_PARTITION_HINT = (
+    "this optimizer is being stepped on a flattened tensor (a DeepSpeed ZeRO partition?) with no layout "
+    "attached; `import stateless_opt.integrations.deepspeed` before `deepspeed.initialize(...)` so the "
+    "optimizer knows which weights the partition holds"
+)
+
+
+def true_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The weight's real shape, also under ZeRO-3 ``zero.Init`` (where ``p.shape`` is (0,))."""
+    ds_shape = getattr(p, "ds_shape", None)
+    return tuple(ds_shape) if ds_shape is not None else tuple(p.shape)
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, grad) as plain local tensors: the DTensor's local shard, else the tensor itself."""
+    if is_dtensor(t):
+        g = t.grad
+        return t.to_local(), (g.to_local() if is_dtensor(g) else g)
+    return t.data, t.grad
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError("stateless_opt needs contiguous parameters and gradients")
+    return t.view(-1)
+
+
+def _check_whole_tensor(tensor: torch.Tensor, group: dict) -> None:
+    """A 1-D tensor shaped like none of the weights the group was built with is a flat partition: as
+    one weight, SGD-SaI or the fallback would update it silently wrong, the matrix rule not at all."""
+    shapes = group.get("_shapes")
+    if tensor.dim() == 1 and shapes and tuple(tensor.shape) not in {tuple(s) for s in shapes}:
+        raise RuntimeError(FLAT_PARTITION_HINT)
+
+
+@dataclass
+class LocalLayout:
+    """One process, or a tensor nobody shares: the whole tensor is the only shard."""
+
+    def shards(self, tensor, group, key):
+        _check_whole_tensor(tensor, group)
+        n = tensor.numel()
+        return [WeightShard(key, tuple(tensor.shape), [FlatRange(0, n)], 0, _flat(tensor.grad), _flat(tensor.data))]
+
+
+@dataclass
+class ReplicatedLayout:
+    """DDP: every rank of the group's ``replicate_group`` holds the whole, identical (already
+    all-reduced) gradient. Not this layout when the group names none, or it has one rank."""
+
+    def shards(self, tensor, group, key):
+        pg = replica_group(group.get("replicate_group"))
+        if pg is None:
+            return None
+        _check_whole_tensor(tensor, group)
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        n = tensor.numel()
+        return [
+            WeightShard(key, tuple(tensor.shape), [FlatRange(0, n)] * world, rank, _flat(tensor.grad),
+                        _flat(tensor.data), group=pg, replicated=True)
+        ]
+
+
+@dataclass
+class DTensorLayout:
+    """FSDP2 / HSDP: a DTensor sharded along dim 0 over one mesh dim (``torch.chunk`` rows, so
+    trailing ranks may hold fewer or zero rows), replicated over the others (HSDP).
+
+    Row statistics are local (rows are whole); column statistics reduce over the shard dim only: the
+    replicate dims already hold identical gradients (they vote on skipping steps).
+    """
+
+    def shards(self, tensor, group, key):
+        if not is_dtensor(tensor):
+            return None
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        mesh, placements = tensor.device_mesh, tensor.placements
+        shard_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
+        for i, p in enumerate(placements):
+            if not isinstance(p, (Shard, Replicate)):
+                raise ValueError(f"unsupported DTensor placement {p} (mesh dim {i}); expected Shard(0) or Replicate()")
+        if len(shard_dims) > 1 or any(placements[i].dim != 0 for i in shard_dims):
+            raise ValueError(
+                f"unsupported DTensor placements {placements}: stateless_opt supports FSDP2/HSDP "
+                "sharding along dim 0 over a single mesh dim"
+            )
+        shape = tuple(tensor.shape)
+        local = tensor.to_local()
+        grad = tensor.grad.to_local() if isinstance(tensor.grad, DTensor) else tensor.grad
+        if not shard_dims:  # fully replicated DTensor: every rank holds it whole; keep it local
+            n = local.numel()
+            return [WeightShard(key, shape, [FlatRange(0, n)], 0, _flat(grad), _flat(local))]
+        mdim = shard_dims[0]
+        pg = mesh.get_group(mdim)
+        world, rank = mesh.size(mdim), mesh.get_local_rank(mdim)
+        row = math.prod(shape[1:])
+        # torch.chunk semantics (FSDP2's Shard(0)): ceil-sized chunks, trailing ranks may get 0 rows.
+        chunk = -(-shape[0] // world) if shape else 0
+        extents = []
+        for r in range(world):
+            r0, r1 = min(r * chunk, shape[0]), min((r + 1) * chunk, shape[0])
+            extents.append(FlatRange(r0 * row, r1 * row))
+        s, e = extents[rank]
+        if local.numel() < e - s:
+            raise ValueError(
+                f"DTensor local shard has {local.numel()} elements, expected {e - s} from torch.chunk "
+                f"of shape {shape} over {world} ranks: unsupported sharding"
+            )
+        replicas = tuple(
+            mesh.get_group(i) for i, p in enumerate(placements) if isinstance(p, Replicate) and mesh.size(i) > 1
+        )
+        # FSDP2 may pad the local storage; only the leading e - s elements are real.
+        return [
+            WeightShard(key, shape, extents, rank, _flat(grad)[: e - s], _flat(local)[: e - s], group=pg,
+                        row_groups=(pg,), col_groups=(pg,), agree_groups=replicas)
+        ]
+
+
+def default_layouts() -> list[Layout]:
+    """The layouts every optimizer starts with, in the order they are consulted."""
+    return [DTensorLayout(), ReplicatedLayout(), LocalLayout()]
+
