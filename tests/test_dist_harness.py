@@ -70,3 +70,18 @@ def test_python_exception_is_not_retried():
         warnings.simplefilter("error")  # a retry would warn
         with pytest.raises(DistributedCaseError, match="a plain Python failure"):
             CASES.result("raises_on_rank0", 3)
+
+
+def late_case(ctx):
+    return ctx.world
+
+
+def test_case_registered_after_a_spawn_runs_in_a_new_one():
+    # A module imported after a registry's spawn ran (cases folded into another module's spawns,
+    # tests/test_box_layouts.py) must still get its cases run, without losing the earlier results.
+    reg = Registry(__name__)
+    reg.add("first", before_crash, (2,))
+    assert reg.result("first", 2) == [0, 10]
+    reg.add("late", late_case, (2,))
+    assert reg.result("late", 2) == [2, 2]
+    assert reg.result("first", 2) == [0, 10]
