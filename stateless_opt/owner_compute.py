@@ -22,9 +22,9 @@ import heapq
 from collections import defaultdict
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from .layouts import MatrixFragment
 
 
@@ -98,6 +98,8 @@ def gather_compute_scatter(
     (B, m, n)) -> scatter back -> ``apply`` on this rank's fragments with their pieces of the result.
     Same-shape matrices are computed in sub-batches whose temporaries (``temp_bytes(m, n)`` each) stay
     under ``temp_budget_bytes``. Every rank calls this with the same ``frags``/``owners``."""
+    import torch
+
     me, world = comm.rank, comm.world
     device = frags[0].grad.device
 
@@ -189,6 +191,8 @@ def gather_compute_scatter(
         apply(local_frags, local_updates)
 
 
-def _concat(parts: list[list[torch.Tensor]], device) -> torch.Tensor:
+def _concat(parts: list[list["torch.Tensor"]], device) -> "torch.Tensor":
+    import torch
+
     flat = [t for p in parts for t in p]
     return torch.cat(flat) if flat else torch.empty(0, dtype=torch.float32, device=device)

@@ -65,7 +65,7 @@ def test_deterministic_and_independent_of_the_sequence_object(world):
 
 def test_deterministic_across_processes():
     """Two fresh interpreters with different hash seeds give the same owners (every rank computes
-    them on its own). ``owner_compute.py`` is loaded by path (it imports nothing of the package)."""
+    them on its own). ``owner_compute.py`` is loaded by path: its owner assignment needs no torch, so this stays fast."""
     import stateless_opt.owner_compute as mod
 
     code = (
