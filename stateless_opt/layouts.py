@@ -246,10 +246,10 @@ def split_matrices(
     """Cut a weight's shard into per-matrix fragments (every matrix is listed, even if not held).
     ``shape2d`` views the whole weight as one (m, n) matrix instead (1-D tensors as one row)."""
     count, m, n = (1, *shape2d) if shape2d else matrix_shape(shard.shape, batch_dims)
+    if count == 1:  # the weight is the matrix: its extents are the matrix's
+        return [MatrixFragment(shard, 0, m, n, shard.extents, shard.grad, shard.param)]
     if any(isinstance(e, Box) for e in shard.extents):
-        if count != 1:
-            raise NotImplementedError(f"box shards of weights with batch dims (shape {shard.shape}) are not supported")
-        return [MatrixFragment(shard, 0, m, n, list(shard.extents), shard.grad, shard.param)]
+        raise NotImplementedError(f"box shards of weights with batch dims (shape {shard.shape}) are not supported")
     size = m * n
     start = shard.local.start
     out = []
