@@ -31,9 +31,16 @@ class Collectives:
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum over ranks of a small statistics vector."""
+        return self._all_reduce_(tensor, dist.ReduceOp.SUM)
+
+    def all_reduce_max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place max over ranks (flags and peaks: a max cannot overflow where a sum could)."""
+        return self._all_reduce_(tensor, dist.ReduceOp.MAX)
+
+    def _all_reduce_(self, tensor: torch.Tensor, op) -> torch.Tensor:
         if self.world > 1 and tensor.numel():
             self.bytes_sent += tensor.numel() * tensor.element_size()
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+            dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
 
     def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:

@@ -254,18 +254,24 @@ class StatelessOptimizer(torch.optim.Optimizer):
                 work.append(GroupWork(gi, group, units, shards))
         return work
 
-    def _screen(self, work: list[GroupWork]) -> dict[tuple, float] | None:
-        """Global sum of squares of every weight's gradient (one reduction per process group, one host
-        sync); ``None`` if any is NaN/Inf on any rank. Returns {weight key: sum of squares} for non-zero
-        weights.
+    def _screen(self, work: list[GroupWork]) -> set[tuple] | None:
+        """Which weights have a non-zero gradient anywhere, or ``None`` if any gradient holds a NaN/Inf
+        on any rank (one reduction per process group, one host sync).
 
-        Each group's vector carries one extra element, the count of non-finite local sums seen so far,
-        and is reduced also over every other group the weights live in (``WeightShard.process_groups``:
-        DDP replicas, HSDP's replicate dims), one scalar each: a NaN that appears on one rank after the
-        backend's reduction still skips the step on every rank, so replicas never diverge."""
+        Each shard contributes its gradient's largest magnitude: finite exactly when every element is
+        (a sum of squares overflows to inf for finite gradients above ~1e19 and would skip them), zero
+        exactly when the gradient is. A separate non-finite flag travels with each group's vector (a
+        max over ranks may drop a NaN) and is reduced, with MAX, also over every other group the weights
+        live in (``WeightShard.process_groups``: DDP replicas, HSDP's replicate dims), one scalar each:
+        a NaN that appears on one rank after the backend's reduction still skips the step on every
+        rank, so replicas never diverge."""
         all_shards = [s for w in work for shards in w.shards for s in shards]
-        norms = torch._foreach_norm([s.grad for s in all_shards], 2, dtype=torch.float32)
-        sumsq = torch.stack(norms).square_()
+        grads = [s.grad for s in all_shards]
+        held = [g for g in grads if g.numel()]  # the inf-norm of an empty tensor is undefined
+        device = grads[0].device
+        peaks_held = iter(torch._foreach_norm(held, float("inf"), dtype=torch.float32) if held else ())
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        peak = torch.stack([next(peaks_held) if g.numel() else zero for g in grads])
         by_comm: dict[int, list[int]] = {}
         comms: dict[int, Collectives] = {}
         agree: dict[int, Collectives] = {}
@@ -278,20 +284,20 @@ class StatelessOptimizer(torch.optim.Optimizer):
                     idx.append(i)
             for c in self._comms_for(s.process_groups):
                 agree[id(c)] = c
-        bad = (~torch.isfinite(sumsq)).sum(dtype=torch.float32).reshape(1)
+        bad = (~torch.isfinite(peak)).any().to(torch.float32).reshape(1)
         for cid, idx in by_comm.items():
-            index = torch.tensor(idx, dtype=torch.long, device=sumsq.device)
-            part = torch.cat([sumsq[index], bad])
-            comms[cid].all_reduce_sum_(part)
-            sumsq[index] = part[:-1]
+            index = torch.tensor(idx, dtype=torch.long, device=peak.device)
+            part = torch.cat([peak[index], bad])
+            comms[cid].all_reduce_max_(part)
+            peak[index] = part[:-1]
             bad = part[-1:]
         for cid, c in agree.items():
             if cid not in comms:
-                c.all_reduce_sum_(bad)
-        values = torch.cat([sumsq, bad]).tolist()
-        if not all(math.isfinite(v) for v in values) or values[-1] > 0:
+                c.all_reduce_max_(bad)
+        values = torch.cat([peak, bad]).tolist()
+        if values[-1] > 0 or not all(math.isfinite(v) for v in values):
             return None
-        return {s.key: v for s, v in zip(all_shards, values) if v > 0.0}
+        return {s.key for s, v in zip(all_shards, values) if v > 0.0}
 
     def _ensure_state(self, group: dict, units: list[torch.Tensor], shards: list[list[WeightShard]]) -> None:
         """Allocate the (zero-filled) state of stateful rules for every tensor with a gradient, even an
