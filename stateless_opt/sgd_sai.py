@@ -92,6 +92,8 @@ class SGDSaI(StatelessOptimizer):
     config_cls = SGDSaIConfig
     uses_rules = False
     host_state = frozenset({"gsnr"})  # one fp32 scale per weight, read on the host every step
+    # elementwise: fp64 weights are stepped in fp64 (momentum buffer like the weight)
+    param_dtypes = StatelessOptimizer.param_dtypes | {torch.float64}
 
     def __init__(self, params, lr: float = 1e-2, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
@@ -100,6 +102,8 @@ class SGDSaI(StatelessOptimizer):
         fresh = self._init_scales(group, units)
         max_scale = self._max_gsnr() if group["max_normalized_gsnr"] else 1.0
         mu = group["momentum"]
+        # torch.compile traces the tensor-op path: aten::_fused_sgd_ has no fake (meta) kernel
+        use_fused = group["fused"] and not torch.compiler.is_compiling()
         fused, params, updates, scales = [], [], [], []
         for t, shards in units:
             state = self.state[t]
@@ -108,7 +112,7 @@ class SGDSaI(StatelessOptimizer):
                 buf = buf_flat[s.offset : s.offset + s.grad.numel()]
                 first = (id(state), s.unit_index) in fresh
                 scale = state["gsnr"][s.unit_index].item() / max_scale  # host tensor: no sync
-                if group["fused"] and _fusable(s.param, s.grad, buf, mu):
+                if use_fused and _fusable(s.param, s.grad, buf, mu):
                     fused.append((s.param, s.grad, buf, scale, first))
                     continue
                 momentum_(buf, s.grad, mu, first)
@@ -129,7 +133,8 @@ class SGDSaI(StatelessOptimizer):
         for t, ss in zip(units, shards):
             state = self.state[t]
             if not state:
-                state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                # contiguous: each weight's piece is a flat range of it, like the weight's own piece
+                state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.contiguous_format)
                 state["gsnr"] = torch.full((len(ss),), float("nan"), dtype=torch.float32)
 
     def _init_scales(self, group, units) -> set[tuple[int, int]]:

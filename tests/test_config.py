@@ -102,7 +102,7 @@ def test_rule_matrix_on_1d_raises(cls):
         cls([{"params": [vec], "rule": "matrix"}])
     with pytest.raises(ValueError, match="rule='matrix'"):
         cls([{"params": [nn.Parameter(torch.zeros(()))], "rule": "matrix"}])
-    with pytest.raises(ValueError, match="rule must be 'matrix' or 'fallback'"):
+    with pytest.raises(ValueError, match="rule must be 'auto', 'matrix' or 'fallback'"):
         cls([{"params": [vec], "rule": "adam"}])
     with pytest.raises(ValueError, match="batch_dims must be a non-negative int"):
         cls([{"params": [vec], "batch_dims": -1}])
@@ -144,7 +144,7 @@ def test_config_models_reject_bad_values_directly():
 
 def test_group_bookkeeping_keys_are_allowed():
     # names / step / skipped_steps travel in param groups (param_groups(), state_dict()) and are
-    # not hyper-parameters
+    # not hyper-parameters; "names" (the older key) becomes torch's "param_names"
     ps = _ps()
     opt = SWAN([{"params": ps, "names": ["w", "b"], "step": 0, "skipped_steps": 0}])
-    assert sorted(n for g in opt.param_groups for n in g["names"]) == ["b", "w"]
+    assert sorted(n for g in opt.param_groups for n in g["param_names"]) == ["b", "w"]

@@ -73,7 +73,7 @@ def test_all_zero_gradient_is_a_no_op(name):
             else:
                 assert torch.count_nonzero(v) == 0, k  # moments, momentum and AdamW's step all zero
     if name != "sgdsai":  # the matrix rule itself never has state
-        matrix = [p for g in opt.param_groups if g["rule"] == "matrix" for p in g["params"]]
+        matrix = [p for g in opt.param_groups for p in g["params"] if opt.weight_rule(g, tuple(p.shape)) == "matrix"]
         assert len(matrix) == 3 and not any(p in opt.state for p in matrix)
 
 
@@ -318,8 +318,8 @@ def test_llama_param_groups_and_rule_counts(tied):
     model = _llama(tied)
     groups = param_groups(model, fallback_weight_decay=0.0)
     by_rule = {g["rule"]: g for g in groups}
-    matrix_names = set(by_rule["matrix"]["names"])
-    fallback_names = set(by_rule["fallback"]["names"])
+    matrix_names = set(by_rule["matrix"]["param_names"])
+    fallback_names = set(by_rule["fallback"]["param_names"])
     projections = {f"model.layers.{i}.{blk}.{p}_proj.weight" for i in range(2)
                    for blk, ps in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in ps}
     assert matrix_names == projections
