@@ -1,0 +1,474 @@
+"""Property-based fuzz suite (issue 16): optimizer x shape x dtype x gradient scale x backend.
+
+Drawn by hypothesis (``example``): a catalogue row (``tests/optim_db.py``); one or two param groups of
+one to three weights of awkward shapes (1x1, 1xN, Nx1, tall, wide, square, empty, 3-D stacks taken as
+expert stacks with ``batch_dims=1`` or viewed whole with 0, 1-D, 0-D), each group with its own weight
+decay; a weight dtype (fp32, bf16, fp16; fp64 where the row steps it); and for each of one to three
+steps, every weight's gradient: a pattern (Gaussian with an offset, constant rows, constant columns,
+constant, rank one, one-hot, one spike 1e6 above the rest, zero, no gradient) scaled to a peak of 10^k,
+k in [-30, 30] (fp16 holds [-7, 4]), and maybe one NaN / +Inf / -Inf in one weight (on one rank).
+
+Properties, after every step (and on every rank):
+
+* P1 finite: the weights are finite whenever the float64 result is (the normalised rules always are;
+  SGD-SaI's update grows with the gradient, and a result beyond the dtype's range is not a bug).
+* P2 skip: a step with a non-finite gradient anywhere (any weight, any group, any rank) changes no
+  weight and no optimizer state, bitwise, on any rank; ``skipped_steps`` grows by exactly 1, so does
+  the counter of every group that had a gradient, and no group's ``step`` moves (no partial step).
+* P3 no false skip: a finite step is never skipped; a weight whose gradient is zero or None is left
+  bitwise unchanged (no decay either).
+* P4 reference (one process): where the float64 reference is defined (``reference_defined``), every
+  weight equals (1 - lr wd) W_t - lr U_ref(G_t) computed from the library's own W_t (step by step),
+  to the tolerance ``bound`` states.
+* P5 backends (2 ranks: DDP, FSDP2, ZeRO-2): P1-P3 on every rank with the same skip decision, and the
+  weights equal the single-process optimizer stepped on the same gradients (``backend_bound``); DDP
+  replicas stay bitwise identical.
+
+Multi-rank examples are drawn once, in the pytest process, from a derandomized strategy
+(``draw_examples``) and shipped to the ranks as data, so every rank checks the same examples; each
+backend's examples ride the 2-rank spawn its own test module already makes (``tests/dist_harness.py``).
+Profiles (``conftest.py``): ``ci`` (default, derandomized: CI runs the same examples every time) and
+``HYPOTHESIS_PROFILE=thorough`` (random, ~10x the examples).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import traceback
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import optim_db
+import reference as R
+from dist_harness import default_backend, default_device_type, run_cases
+
+F64 = torch.float64
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+PATTERNS = ("gauss", "const_rows", "const_cols", "const", "rank1", "onehot", "spike", "zero", "none")
+SHAPE_KINDS = ("1x1", "1xN", "Nx1", "tall", "wide", "square", "empty", "stack", "vector", "scalar")
+# Shapes a backend cannot hold: ZeRO flattens parameters (an empty or 0-D one has no place in a flat
+# partition), FSDP2 shards dim 0 (a 0-D or empty weight has nothing to shard).
+BACKEND_SHAPES = {
+    "single": SHAPE_KINDS,
+    "ddp": SHAPE_KINDS,
+    "fsdp2": tuple(k for k in SHAPE_KINDS if k not in ("scalar", "empty")),
+    "zero2": tuple(k for k in SHAPE_KINDS if k not in ("scalar", "empty")),
+}
+# ZeRO keeps fp32 masters whatever the model's dtype: its examples are fp32.
+BACKEND_DTYPES = {"zero2": ("float32",)}
+WORLD = 2
+
+# Hyper-parameters: lr 0.02 for the matrix rules with the fallback at 2x (AdamW or the stateless rule);
+# SGD-SaI at lr 1e-2 (1e-1 for the max-normalised variant, whose scales are <= 1, as test_reference).
+MATRIX_LR, FALLBACK_RATIO = 0.02, 2.0
+
+
+def hyper(info) -> dict:
+    if info.splits_rules:
+        return {"lr": MATRIX_LR, "fallback_lr_ratio": FALLBACK_RATIO}
+    return {"lr": 1e-1 if info.variant.get("max_normalized_gsnr") else 1e-2}
+
+
+def scale_range(dtype: str) -> tuple[int, int]:
+    """Exponents k of the gradient peak 10^k the dtype holds (fp16: 6e-8 .. 65504)."""
+    return (-7, 4) if dtype == "float16" else (-30, 30)
+
+
+# ===================================================================================== the examples
+def shape_of(kind: str, a: int, b: int, c: int) -> tuple[int, ...]:
+    """A shape of ``kind`` from three small draws (2 <= a, b <= 7, 2 <= c <= 3)."""
+    hi, lo = max(a, b) + 1, min(a, b)
+    return {
+        "1x1": (1, 1), "1xN": (1, a), "Nx1": (a, 1), "tall": (hi, lo), "wide": (lo, hi), "square": (a, a),
+        "empty": (0, a), "stack": (c, a, b), "vector": (a,), "scalar": (),
+    }[kind]
+
+
+@st.composite
+def example(draw, backend: str = "single") -> dict:
+    """One fuzz example as plain data (picklable, shipped to ranks)."""
+    row = draw(st.sampled_from([r.id for r in optim_db.OPTIM_DB]))
+    info = optim_db.info(row)
+    dtypes = BACKEND_DTYPES.get(backend) or tuple(
+        d for d in DTYPES if DTYPES[d] in info.cls.param_dtypes)
+    dtype = draw(st.sampled_from(dtypes))
+    lo, hi = scale_range(dtype)
+    kinds = BACKEND_SHAPES[backend]
+    shape = st.builds(shape_of, st.sampled_from(kinds), st.integers(2, 7), st.integers(2, 7), st.integers(2, 3))
+    groups = []
+    for _ in range(draw(st.integers(1, 2))):
+        groups.append({
+            "shapes": draw(st.lists(shape, min_size=1, max_size=3)),
+            "batch_dims": draw(st.sampled_from((0, 1))) if info.splits_rules else 0,
+            "weight_decay": draw(st.sampled_from((0.0, 0.1))),
+        })
+    # extremes and zero first, then anything in the range
+    k = st.one_of(st.sampled_from((lo, hi, 0)), st.integers(lo, hi))
+    grad = st.tuples(st.sampled_from(PATTERNS), k)
+    steps = []
+    for _ in range(draw(st.integers(1, 3))):
+        bad = draw(st.one_of(st.none(), st.tuples(
+            st.integers(0, 8), st.floats(0.0, 1.0, exclude_max=True), st.sampled_from(("nan", "inf", "-inf")),
+            st.integers(0, WORLD - 1))))
+        steps.append({"grads": [[draw(grad) for _ in g["shapes"]] for g in groups], "bad": bad})
+    how = draw(st.sampled_from(("param_groups", "parameters"))) if backend == "ddp" else None
+    return {"row": row, "dtype": dtype, "groups": groups, "steps": steps, "seed": draw(st.integers(0, 2**20)),
+            "how": how}
+
+
+def pattern(shape: tuple, name: str, gen: torch.Generator) -> torch.Tensor:
+    """A float64 gradient of ``shape`` with peak magnitude 1 (or zero). Rows and columns are those of the
+    (-1, last dim) view (a 1-D or 0-D tensor is one row)."""
+    numel = math.prod(shape)
+    if numel == 0 or name == "zero":
+        return torch.zeros(shape, dtype=F64)
+    rows, cols = (numel // shape[-1], shape[-1]) if len(shape) >= 2 else (1, numel)
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    if name == "gauss":
+        x = randn(rows, cols) + 0.3
+    elif name == "const_rows":
+        x = randn(rows, 1).expand(rows, cols)
+    elif name == "const_cols":
+        x = randn(1, cols).expand(rows, cols)
+    elif name == "const":
+        x = torch.full((rows, cols), -0.7, dtype=F64)
+    elif name == "rank1":
+        x = randn(rows, 1) @ randn(1, cols)
+    elif name == "onehot":
+        x = torch.zeros(rows * cols, dtype=F64)
+        x[int(torch.randint(rows * cols, (1,), generator=gen))] = 1.0
+    elif name == "spike":
+        x = randn(rows * cols)
+        x[int(torch.randint(rows * cols, (1,), generator=gen))] = 1e6
+    else:
+        raise ValueError(name)
+    x = x.reshape(shape).clone()
+    peak = x.abs().max()
+    return x / peak if peak > 0 else x
+
+
+def all_shapes(ex) -> list[tuple[int, tuple]]:
+    """(group index, shape) of every weight, in order."""
+    return [(gi, tuple(s)) for gi, g in enumerate(ex["groups"]) for s in g["shapes"]]
+
+
+def initial_weights(ex) -> list[list[torch.Tensor]]:
+    """The float64 starting weights (O(1)), per group."""
+    gen = torch.Generator().manual_seed(ex["seed"])
+    return [[torch.randn(s, generator=gen, dtype=F64) for s in g["shapes"]] for g in ex["groups"]]
+
+
+def full_grads(ex, t: int, rank: int | None = None) -> list[list[torch.Tensor | None]]:
+    """Step ``t``'s gradients in the weight dtype, per group (None: no gradient). The injected NaN/Inf
+    goes into the first weight with elements at or after the drawn one; ``rank``: only if it is the
+    drawn rank (None: every rank, i.e. the gradient as the single-process reference sees it)."""
+    dtype = DTYPES[ex["dtype"]]
+    out = []
+    for gi, g in enumerate(ex["groups"]):
+        row = []
+        for ti, s in enumerate(g["shapes"]):
+            name, k = ex["steps"][t]["grads"][gi][ti]
+            if name == "none":
+                row.append(None)
+                continue
+            gen = torch.Generator().manual_seed(ex["seed"] * 1_000_003 + t * 1009 + gi * 101 + ti)
+            row.append((pattern(tuple(s), name, gen) * 10.0**k).to(dtype))
+        out.append(row)
+    bad = ex["steps"][t]["bad"]
+    target = bad_target(ex, t)
+    if target is not None and (rank is None or rank == bad[3]):
+        gi, ti = target
+        flat = out[gi][ti].reshape(-1)
+        flat[int(bad[1] * flat.numel())] = float(bad[2])
+    return out
+
+
+def bad_target(ex, t: int) -> tuple[int, int] | None:
+    """(group, tensor) that step ``t``'s NaN/Inf goes into, or None (no injection or nowhere to put it)."""
+    bad = ex["steps"][t]["bad"]
+    if bad is None:
+        return None
+    slots = [(gi, ti) for gi, g in enumerate(ex["groups"]) for ti, s in enumerate(g["shapes"])
+             if math.prod(s) > 0 and ex["steps"][t]["grads"][gi][ti][0] != "none"]
+    return slots[bad[0] % len(slots)] if slots else None
+
+
+# ===================================================================================== float64 model
+def expected_rule(info, shape: tuple, batch_dims: int) -> str:
+    """Which rule the documentation gives a weight: SGD-SaI is elementwise on everything; SWAN / SinkGD
+    / ColRMS send 0-/1-D weights to the fallback, and SWAN also a matrix whose GradNorm axis (the longer
+    side) has one element (a 1 x 1, which GradNorm would zero)."""
+    if not info.splits_rules:
+        return "elementwise"
+    if len(shape) < 2:
+        return "fallback"
+    bd = max(min(batch_dims, len(shape) - 2), 0)
+    m, n = shape[bd], math.prod(shape[bd + 1:])
+    if info.name == "swan" and max(m, n) == 1:
+        return "fallback"
+    return "matrix"
+
+
+def matrices(shape: tuple, batch_dims: int) -> tuple[int, int, int]:
+    bd = max(min(batch_dims, len(shape) - 2), 0)
+    return math.prod(shape[:bd]), shape[bd], math.prod(shape[bd + 1:])
+
+
+def reference_defined(info, rule: str, shape: tuple, batch_dims: int, grad: tuple, history: list) -> bool:
+    """Where the float64 reference is a fair target for fp32 arithmetic (P4):
+
+    * SWAN's polar factor is discontinuous where the normalised gradient loses rank (constant rows or
+      columns, rank one, one-hot, square matrices after centring): there the fp32 rank decision, not
+      rounding, sets the result. Defined for Gaussian gradients; for the iterative whitenings
+      (``amplifies_rounding``) only on non-square matrices, as in ``test_reference``.
+    * SGD-SaI's g-SNR of a constant gradient is ||g|| / (0 + eps) in exact arithmetic but
+      ||g|| / (rounding noise + eps) in any floating-point sum: ill-conditioned, not compared.
+    * The AdamW fallback squares the gradient in the weight's precision, as torch.optim.AdamW does: a
+      peak above 1e18 overflows fp32's exp_avg_sq (the update becomes 0, then and at every later step);
+      compared only while every gradient so far stayed below that.
+    SinkGD, ColRMS and the stateless fallback are compared everywhere, 1e-30 to 1e30."""
+    name, _k = grad
+    if rule == "matrix" and info.name == "swan":
+        if name != "gauss":
+            return False
+        _, m, n = matrices(shape, batch_dims)
+        if info.amplifies_rounding and m == n:
+            return False
+    if rule == "elementwise" and name == "const":
+        return False
+    if rule == "fallback" and info.variant.get("fallback", "adamw") == "adamw":
+        return all(k <= 18 for k in history)
+    return True
+
+
+class Float64Model:
+    """The float64 references of ``tests/reference.py`` on one example's weights, step by step: the
+    next weights from the library's current ones and the same gradients, with each rule's state (AdamW
+    moments, SGD-SaI scales and momentum) advanced only where the library's is."""
+
+    def __init__(self, ex):
+        self.ex = ex
+        self.info = optim_db.info(ex["row"])
+        self.hp = hyper(self.info)
+        self.adamw: dict = {}
+        self.scale: dict = {}  # SGD-SaI: g-SNR taken at the first non-zero gradient
+        self.buf: dict = {}
+
+    def step(self, weights: list[list[torch.Tensor]], grads: list[list[torch.Tensor | None]]) -> list[list]:
+        """Expected float64 weights after a finite step (a weight with no or a zero gradient: None)."""
+        info, hp = self.info, self.hp
+        out = [[None] * len(ws) for ws in weights]
+        live = {(gi, ti) for gi, gs in enumerate(grads) for ti, g in enumerate(gs)
+                if g is not None and bool(g.ne(0).any())}
+        if not info.splits_rules:
+            for key in sorted(live):  # scales of every weight first (max-normalised: the max over all)
+                if key not in self.scale:
+                    self.scale[key] = R.gsnr(grads[key[0]][key[1]], 1e-8)
+            top = max(self.scale.values()) if info.variant.get("max_normalized_gsnr") and self.scale else 1.0
+        for gi, g in enumerate(self.ex["groups"]):
+            wd = g["weight_decay"]
+            for ti, shape in enumerate(g["shapes"]):
+                if (gi, ti) not in live:
+                    continue
+                w, grad = weights[gi][ti].to(F64), grads[gi][ti].to(F64)
+                rule = expected_rule(info, tuple(shape), g["batch_dims"])
+                if rule == "elementwise":
+                    buf = self.buf.get((gi, ti))
+                    buf = grad.clone() if buf is None else 0.9 * buf + 0.1 * grad
+                    self.buf[(gi, ti)] = buf
+                    out[gi][ti] = (1 - hp["lr"] * wd) * w - hp["lr"] * (self.scale[(gi, ti)] / top) * buf
+                elif rule == "fallback":
+                    lr = hp["lr"] * hp["fallback_lr_ratio"]
+                    if info.variant.get("fallback", "adamw") == "adamw":
+                        ref = self.adamw.setdefault((gi, ti), R.AdamWRef(lr, weight_decay=wd))
+                        out[gi][ti] = ref.step(w, grad)
+                    else:
+                        out[gi][ti] = (1 - lr * wd) * w - lr * at_unit_scale(R.stateless_fallback_update)(grad)
+                else:
+                    count, m, n = matrices(tuple(shape), g["batch_dims"])
+                    stack = grad.reshape(count, m, n) if count > 1 else grad.reshape(1, *grad.shape)
+                    fn = info.reference if info.name == "swan" else at_unit_scale(info.reference)
+                    d = torch.stack([fn(x) for x in stack]).reshape(grad.shape)
+                    out[gi][ti] = (1 - hp["lr"] * wd) * w - hp["lr"] * d
+        return out
+
+
+def at_unit_scale(fn):
+    """``fn`` evaluated on G * 2^-e, with 2^e the power of two that brings G's peak into [0.5, 1).
+
+    For the rules that are scale-free in exact arithmetic (SinkGD, ColRMS and the stateless fallback
+    floor each norm relative to the matrix's own scale), this is exact in float64 and changes nothing
+    but the absolute 1e-30 guard of the references (``TINY``, there so a zero matrix stays zero), which
+    otherwise exceeds every norm of a gradient of peak 1e-30 and bends the reference itself. The library
+    is scale-free down there (it folds 2^k back into its scales). SWAN and AdamW add an absolute eps
+    and are evaluated as they are."""
+    def scaled(g: torch.Tensor) -> torch.Tensor:
+        peak = g.abs().max() if g.numel() else torch.zeros((), dtype=g.dtype)
+        if peak == 0:
+            return fn(g)
+        _, e = torch.frexp(peak)
+        return fn(torch.ldexp(g, -e))
+    return scaled
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype``'s grid at |x| (float64), subnormals included."""
+    fi = torch.finfo(dtype)
+    mag = x.to(F64).abs().clamp_min(fi.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
+
+
+def bound(dtype: torch.dtype, before: torch.Tensor, ref: torch.Tensor, rel: float) -> torch.Tensor:
+    """Per-entry tolerance of a weight against its float64 next value ``ref``:
+
+    * ``rel`` of the step's largest movement (fp32 arithmetic against float64: 1e-5, ``FP32_TOL`` of
+      ``test_reference``, tens of roundings through the normalisations; 1e-10 for fp64 weights);
+    * one ulp (of the weight dtype, at the larger of |W_t| and |W_t+1|): the decay and the update are two
+      roundings of the weight (an update below half an ulp vanishes, which no relative bound covers),
+      and a bf16/fp16 weight is stochastically rounded to one of the two neighbours of its fp32 value
+      (``test_reference``'s bf16 bound), after the same fp32 arithmetic (one fp32 ulp more)."""
+    moved = (ref - before).abs().max()
+    top = torch.maximum(before.abs(), ref.abs())
+    out = rel * moved + ulp(top, dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        out = out + ulp(top, torch.float32)
+    return out
+
+
+def representable(ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The float64 result fits the weight dtype with room for rounding (half its largest value)."""
+    return bool(ref.abs().max() <= torch.finfo(dtype).max / 2) if ref.numel() else True
+
+
+# ===================================================================================== one process
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    return t.contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def state_bits(opt) -> list[tuple]:
+    """Every tensor of the optimizer state, bitwise (NaN-safe), in a stable order."""
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in sorted(opt.state.get(p, {}).items()):
+                if torch.is_tensor(v):
+                    out.append((k, _bits(v)))
+    return out
+
+
+def same_bits(a, b) -> bool:
+    return len(a) == len(b) and all(ka == kb and x.shape == y.shape and torch.equal(x, y) for (ka, x), (kb, y) in zip(a, b))
+
+
+def counters(opt) -> dict:
+    return {"skipped": opt.skipped_steps, "group_skipped": [g["skipped_steps"] for g in opt.param_groups],
+            "group_step": [g["step"] for g in opt.param_groups]}
+
+
+def make_optimizer(ex, params: list[list[torch.Tensor]], **extra):
+    info = optim_db.info(ex["row"])
+    groups = []
+    for g, ps in zip(ex["groups"], params):
+        group = {"params": ps, "weight_decay": g["weight_decay"]}
+        if info.splits_rules:
+            group["batch_dims"] = g["batch_dims"]
+        groups.append(group)
+    return info.make(groups, **hyper(info), **extra)
+
+
+def record_step(opt, params, before_bits, state_before, counts_before, grads) -> dict:
+    """What P1-P3 look at after one step of ``opt`` (local pieces, bitwise)."""
+    after = [[_bits(p) for p in ps] for ps in params]
+    flat_grads = [g for gs in grads for g in gs]
+    finite = all(bool(torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())
+                 for ps in params for p in ps)
+    return {
+        "changed": [[not torch.equal(a, b) for a, b in zip(xs, ys)] for xs, ys in zip(after, before_bits)],
+        "state_unchanged": same_bits(state_before, state_bits(opt)),
+        "finite": finite,
+        "bad": any(g is not None and not bool(torch.isfinite(g).all()) for g in flat_grads),
+        "before": counts_before,
+        "after": counters(opt),
+    }
+
+
+def check_skip_properties(rec: dict, ex, t: int, bad: bool, where: str = "") -> None:
+    """P2 / P3 on one step's record (``bad``: a non-finite gradient somewhere, on any rank)."""
+    b, a = rec["before"], rec["after"]
+    had_grad = [any(x[0] != "none" for x in gs) for gs in ex["steps"][t]["grads"]]
+    if bad:  # P2
+        assert not any(any(c) for c in rec["changed"]), f"{where}step {t}: a weight changed in a skipped step"
+        assert rec["state_unchanged"], f"{where}step {t}: optimizer state changed in a skipped step"
+        assert a["skipped"] == b["skipped"] + 1, f"{where}step {t}: skipped_steps {b['skipped']} -> {a['skipped']}"
+        assert a["group_skipped"] == [s + h for s, h in zip(b["group_skipped"], had_grad)], (where, t, b, a)
+        assert a["group_step"] == b["group_step"], f"{where}step {t}: a group stepped in a skipped step"
+    else:  # P3
+        assert a["skipped"] == b["skipped"] and a["group_skipped"] == b["group_skipped"], (
+            f"{where}step {t}: a finite step was skipped", b, a)
+        for gi, gs in enumerate(ex["steps"][t]["grads"]):
+            for ti, (name, _) in enumerate(gs):
+                if name in ("zero", "none") or math.prod(ex["groups"][gi]["shapes"][ti]) == 0:
+                    assert not rec["changed"][gi][ti], f"{where}step {t}: weight {gi}.{ti} moved with a {name} gradient"
+
+
+def run_single(ex) -> None:
+    """P1-P4 on one example in this process."""
+    info = optim_db.info(ex["row"])
+    dtype = DTYPES[ex["dtype"]]
+    params = [[torch.nn.Parameter(w.to(dtype)) for w in ws] for ws in initial_weights(ex)]
+    opt = make_optimizer(ex, params)
+    for gi, g in enumerate(ex["groups"]):  # the documented routing of each weight
+        for ti, p in enumerate(params[gi]):
+            want = expected_rule(info, tuple(p.shape), g["batch_dims"])
+            assert opt.weight_rule(opt.param_groups[gi], tuple(p.shape)) == want, (gi, ti, tuple(p.shape))
+    model = Float64Model(ex)
+    history: dict = {}
+    rel = 1e-10 if dtype == F64 else 1e-5
+    for t in range(len(ex["steps"])):
+        grads = full_grads(ex, t)
+        for ps, gs in zip(params, grads):
+            for p, g in zip(ps, gs):
+                p.grad = g
+        before = [[p.detach().to(F64).clone() for p in ps] for ps in params]
+        before_bits = [[_bits(p) for p in ps] for ps in params]
+        sb, cb = state_bits(opt), counters(opt)
+        opt.step()
+        rec = record_step(opt, params, before_bits, sb, cb, grads)
+        check_skip_properties(rec, ex, t, rec["bad"])
+        if rec["bad"]:
+            continue
+        expected = model.step(before, grads)
+        for gi, g in enumerate(ex["groups"]):
+            for ti, shape in enumerate(g["shapes"]):
+                ref = expected[gi][ti]
+                if ref is None:
+                    continue
+                spec = ex["steps"][t]["grads"][gi][ti]
+                hist = history.setdefault((gi, ti), [])
+                hist.append(spec[1])
+                got = params[gi][ti].detach().to(F64)
+                if not representable(ref, dtype):  # P1 does not apply; later steps neither
+                    return
+                assert bool(torch.isfinite(got).all()), f"step {t}: weight {gi}.{ti} {tuple(shape)} not finite"
+                rule = expected_rule(info, tuple(shape), g["batch_dims"])
+                if reference_defined(info, rule, tuple(shape), g["batch_dims"], spec, hist):  # P4
+                    err = (got - ref).abs()
+                    tol = bound(dtype, before[gi][ti], ref, rel)
+                    worst = (err / tol).max().item()
+                    assert worst <= 1.0, (
+                        f"step {t}: weight {gi}.{ti} {tuple(shape)} ({rule}, grad {spec}) off the float64 "
+                        f"reference by {worst:.3g}x the bound (max err {err.max().item():.3g}, movement "
+                        f"{(ref - before[gi][ti]).abs().max().item():.3g})")
+
+
+# ===================================================================================== tests
+@given(ex=example("single"))  # examples, deadline, derandomization: the active profile (conftest.py)
+def test_single_process_properties(ex):
+    run_single(ex)
