@@ -98,13 +98,15 @@ def validate(config_cls: type[OptimizerConfig], values: dict[str, Any], where: s
 
 def validate_group(config_cls: type[OptimizerConfig], group: dict[str, Any], where: str, *,
                    unknown_keys: bool = False) -> dict[str, Any]:
-    """Validate a param group's hyper-parameters (keys of ``config_cls``). ``unknown_keys=False`` (a
-    group entering the optimizer): any other key must be one of ``GROUP_KEYS`` / ``EXTERNAL_GROUP_KEYS``;
+    """Validate a param group's hyper-parameters (keys of ``config_cls``) and write the validated values
+    back into ``group`` (a JSON int becomes a float, a one-element tensor its number). ``unknown_keys=False``
+    (a group entering the optimizer): any other key must be one of ``GROUP_KEYS`` / ``EXTERNAL_GROUP_KEYS``;
     ``True`` (a group already in it, re-checked before a step): keys a scheduler added are left alone."""
     if unknown_keys:
         hyper = {k: group[k] for k in config_cls.model_fields if k in group}
     else:
         hyper = {k: v for k, v in group.items()
                  if k not in GROUP_KEYS and k not in EXTERNAL_GROUP_KEYS and not k.startswith("_")}
-    validate(config_cls, hyper, where)
+    config = validate(config_cls, hyper, where)
+    group.update({k: getattr(config, k) for k in hyper})
     return group

@@ -75,6 +75,5 @@ def stateless_fallback(opt, group: dict, shards, lr: float) -> None:
             normalize_rows_cols(
                 [run[i] for i in idx], row_comms=row_comms, col_comms=col_comms, iterations=1, eps=group["eps"],
                 columns=False, apply=lambda fs, x: opt._apply([f.param for f in fs], list(x), lr, group["weight_decay"], group),
-                device=run[0].grad.device, cache=opt.geometry_cache,
-                fused_update=None if torch.compiler.is_compiling() else (lr, decay),
+                device=run[0].grad.device, fused_update=(lr, decay), cache=opt.geometry_cache,
             )

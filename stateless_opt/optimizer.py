@@ -115,7 +115,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
         if "replicate_group" in group:
             group["replicate_group"] = group_ref(group["replicate_group"])
         where = f"{type(self).__name__} param group {len(self.param_groups)}"
-        validate_group(self.config_cls, {**self.defaults, **group}, where)
+        group = validate_group(self.config_cls, {**self.defaults, **group}, where)
         super().add_param_group(group)
         try:
             self._prepare_group(self.param_groups[-1], where)
@@ -204,7 +204,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
                 validate_group(self.config_cls, g, where, unknown_keys=True)
                 if self.uses_rules:
                     self._check_rule(g, where)
-                self._validated[id(g)] = values
+                self._validated[id(g)] = tuple(g.get(k) for k in keys)
             for j, p in enumerate(g["params"]):
                 if p.dtype not in self.param_dtypes:
                     self._check_dtype(g, j, where)
@@ -374,8 +374,10 @@ class StatelessOptimizer(torch.optim.Optimizer):
         grads = [s.grad for s in all_shards]
         held = [g for g in grads if g.numel()]  # the inf-norm of an empty tensor is undefined
         device = grads[0].device
-        peaks_held = iter(torch._foreach_norm(held, float("inf"), dtype=torch.float32) if held else ())
-        zero = torch.zeros((), dtype=torch.float32, device=device)
+        # exact in fp32 for fp32/bf16/fp16 gradients; fp64 ones keep their range (1e300 is finite)
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in held) else torch.float32
+        peaks_held = iter(torch._foreach_norm(held, float("inf"), dtype=dtype) if held else ())
+        zero = torch.zeros((), dtype=dtype, device=device)
         peak = torch.stack([next(peaks_held) if g.numel() else zero for g in grads])
         by_comm: dict[int, list[int]] = {}
         comms: dict[int, Collectives] = {}
@@ -389,7 +391,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
                     idx.append(i)
             for c in self._comms_for(s.process_groups):
                 agree[id(c)] = c
-        bad = (~torch.isfinite(peak)).any().to(torch.float32).reshape(1)
+        bad = (~torch.isfinite(peak)).any().to(peak.dtype).reshape(1)
         for cid, idx in by_comm.items():
             index = torch.tensor(idx, dtype=torch.long, device=peak.device)
             part = torch.cat([peak[index], bad])

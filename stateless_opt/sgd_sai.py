@@ -102,8 +102,6 @@ class SGDSaI(StatelessOptimizer):
         fresh = self._init_scales(group, units)
         max_scale = self._max_gsnr() if group["max_normalized_gsnr"] else 1.0
         mu = group["momentum"]
-        # torch.compile traces the tensor-op path: aten::_fused_sgd_ has no fake (meta) kernel
-        use_fused = group["fused"] and not torch.compiler.is_compiling()
         fused, params, updates, scales = [], [], [], []
         for t, shards in units:
             state = self.state[t]
@@ -112,7 +110,7 @@ class SGDSaI(StatelessOptimizer):
                 buf = buf_flat[s.offset : s.offset + s.grad.numel()]
                 first = (id(state), s.unit_index) in fresh
                 scale = state["gsnr"][s.unit_index].item() / max_scale  # host tensor: no sync
-                if use_fused and _fusable(s.param, s.grad, buf, mu):
+                if group["fused"] and _fusable(s.param, s.grad, buf, mu):
                     fused.append((s.param, s.grad, buf, scale, first))
                     continue
                 momentum_(buf, s.grad, mu, first)
@@ -214,6 +212,10 @@ def _fused_fp32_step(frags: list, mu: float, lr: float, weight_decay: float) -> 
     tests/test_sgd_sai_official.py allows; so W is rounded as the official does: W * (1 - lr*wd),
     then the update. The generic path: 40 bytes."""
     if not frags:
+        return
+    if torch.compiler.is_compiling():  # traced: aten::_fused_sgd_ has no fake (meta) kernel, the same math in ops
+        for p, g, buf, scale, first in frags:
+            sgd_sai_update(p, g, buf, scale, lr=lr, momentum=mu, weight_decay=weight_decay, first=first)
         return
     decay = 1.0 - lr * weight_decay
     if kernels.available(frags[0][0].device):  # one pass (20 bytes a parameter, decay included), one launch
