@@ -333,14 +333,17 @@ class StatelessOptimizer(torch.optim.Optimizer):
             for w in work:
                 w.group["skipped_steps"] += 1
             return loss
+        todo = []
         for w in work:
             self._ensure_state(w.group, w.units, w.shards)
             units = [(u, [s for s in shards if s.key in live]) for u, shards in zip(w.units, w.shards)]
             units = [(u, ss) for u, ss in units if ss]
-            if not units:
-                continue
-            w.group["step"] += 1
-            self._step_group(w.group, units, live)
+            if units:
+                todo.append((w.group, units))
+        self._begin_step(todo)
+        for group, units in todo:
+            group["step"] += 1
+            self._step_group(group, units, live)
         write_back_staged(s for w in work for shards in w.shards for s in shards)
         return loss
 
@@ -412,6 +415,11 @@ class StatelessOptimizer(torch.optim.Optimizer):
         all-zero one: ``torch.distributed.checkpoint`` and accelerate run a zero-gradient, lr=0
         ``step()`` and load a checkpoint only into the state that step created. Stateless rules
         allocate nothing."""
+
+    def _begin_step(self, todo: list[tuple[dict, list[tuple[torch.Tensor, list[WeightShard]]]]]) -> None:
+        """Before any group is updated, with every group's live (tensor, shards): what a rule needs from
+        all groups at once (SGD-SaI's max-normalised scales divide by the max over every weight, not
+        over the groups stepped so far). Nothing by default."""
 
     def _step_group(self, group: dict, units: list[tuple[torch.Tensor, list[WeightShard]]], live) -> None:
         raise NotImplementedError

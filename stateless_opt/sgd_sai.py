@@ -98,8 +98,13 @@ class SGDSaI(StatelessOptimizer):
     def __init__(self, params, lr: float = 1e-2, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
 
+    def _begin_step(self, todo) -> None:
+        """Every group's new scales before any group steps: the max-normalised variant divides by the
+        max over all weights (a split into param groups must not change it)."""
+        self._fresh_scales = set().union(*(self._init_scales(group, units) for group, units in todo))
+
     def _step_group(self, group, units, live) -> None:
-        fresh = self._init_scales(group, units)
+        fresh = self._fresh_scales
         max_scale = self._max_gsnr() if group["max_normalized_gsnr"] else 1.0
         mu = group["momentum"]
         fused, params, updates, scales = [], [], [], []

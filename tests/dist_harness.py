@@ -308,6 +308,11 @@ class Registry:
         return SpawnResult({**run.results, **again.results}, {**run.timings, **again.timings}, again.errors,
                            run.wall + again.wall, again.crashed, again.report)
 
+    def ran(self, world: int, *, backend: str | None = None, device_type: str | None = None) -> bool:
+        """Whether this registry already spawned ``world`` ranks: a module whose cases ride another's
+        spawn (``add`` from another module) asks, to run alone when that module's tests did not run."""
+        return (world, backend or default_backend(), device_type or default_device_type()) in self._runs
+
     def result(self, name: str, world: int, **kw) -> list:
         """Every rank's return value of case ``name``; raises the ranks' tracebacks if it failed."""
         if name not in self.cases or world not in self.cases[name].world_sizes:

@@ -256,7 +256,8 @@ class Float64Model:
         self.hp = hyper(self.info)
         self.adamw: dict = {}
         self.scale: dict = {}  # SGD-SaI: g-SNR taken at the first non-zero gradient
-        self.buf: dict = {}
+        self.buf: dict = {}  # SGD-SaI: the float64 EMA momentum
+        self.factor: dict = {}  # SGD-SaI: scale / max scale of the last step
 
     def step(self, weights: list[list[torch.Tensor]], grads: list[list[torch.Tensor | None]]) -> list[list]:
         """Expected float64 weights after a finite step (a weight with no or a zero gradient: None)."""
@@ -280,7 +281,8 @@ class Float64Model:
                     buf = self.buf.get((gi, ti))
                     buf = grad.clone() if buf is None else 0.9 * buf + 0.1 * grad
                     self.buf[(gi, ti)] = buf
-                    out[gi][ti] = (1 - hp["lr"] * wd) * w - hp["lr"] * (self.scale[(gi, ti)] / top) * buf
+                    self.factor[(gi, ti)] = self.scale[(gi, ti)] / top
+                    out[gi][ti] = (1 - hp["lr"] * wd) * w - hp["lr"] * self.factor[(gi, ti)] * buf
                 elif rule == "fallback":
                     lr = hp["lr"] * hp["fallback_lr_ratio"]
                     if info.variant.get("fallback", "adamw") == "adamw":
@@ -326,7 +328,8 @@ def bound(dtype: torch.dtype, before: torch.Tensor, ref: torch.Tensor, rel: floa
     """Per-entry tolerance of a weight against its float64 next value ``ref``:
 
     * ``rel`` of the step's largest movement (fp32 arithmetic against float64: 1e-5, ``FP32_TOL`` of
-      ``test_reference``, tens of roundings through the normalisations; 1e-10 for fp64 weights);
+      ``test_reference``, tens of roundings through the normalisations; fp64 weights (SGD-SaI) 1e-6:
+      the arithmetic is fp64 but the g-SNR is kept as fp32 state, 6e-8 relative);
     * one ulp (of the weight dtype, at the larger of |W_t| and |W_t+1|): the decay and the update are two
       roundings of the weight (an update below half an ulp vanishes, which no relative bound covers),
       and a bf16/fp16 weight is stochastically rounded to one of the two neighbours of its fp32 value
@@ -383,26 +386,54 @@ def make_optimizer(ex, params: list[list[torch.Tensor]], **extra):
     return info.make(groups, **hyper(info), **extra)
 
 
-def record_step(opt, params, before_bits, state_before, counts_before, grads) -> dict:
-    """What P1-P3 look at after one step of ``opt`` (local pieces, bitwise)."""
-    after = [[_bits(p) for p in ps] for ps in params]
-    flat_grads = [g for gs in grads for g in gs]
-    finite = all(bool(torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())
-                 for ps in params for p in ps)
-    return {
-        "changed": [[not torch.equal(a, b) for a, b in zip(xs, ys)] for xs, ys in zip(after, before_bits)],
-        "state_unchanged": same_bits(state_before, state_bits(opt)),
-        "finite": finite,
-        "bad": any(g is not None and not bool(torch.isfinite(g).all()) for g in flat_grads),
-        "before": counts_before,
-        "after": counters(opt),
-    }
+def _local(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def non_finite(tensors) -> bool:
+    return any(t is not None and not bool(torch.isfinite(_local(t)).all()) for t in tensors)
+
+
+class StepProbe:
+    """What P1-P3 look at around one ``step()`` of ``opt`` (``weights``: the model's weights as lists per
+    example group; local pieces, bitwise): ``before()`` right before the optimizer runs, ``after()``."""
+
+    def __init__(self, opt, weights):
+        self.opt, self.weights = opt, weights
+        self.groups = list(opt.param_groups)
+
+    def before(self) -> None:
+        opt = self.opt
+        self.bits = [[_bits(p) for p in ps] for ps in self.weights]
+        self.state, self.counts = state_bits(opt), counters(opt)
+        self.had_grad = [False] * len(self.groups)
+        self.bad = False
+
+    def seen(self, groups) -> None:
+        """The gradients the optimizer is about to step on: all its groups, or under DeepSpeed ZeRO-1/2,
+        which calls ``step()`` once per group with ``param_groups`` swapped to that group, one of them."""
+        for g in groups:
+            i = next(i for i, x in enumerate(self.groups) if x is g)
+            self.had_grad[i] = self.had_grad[i] or any(p.grad is not None for p in g["params"])
+            self.bad = self.bad or non_finite(p.grad for p in g["params"])
+
+    def after(self) -> dict:
+        after = [[_bits(p) for p in ps] for ps in self.weights]
+        return {
+            "changed": [[not torch.equal(a, b) for a, b in zip(xs, ys)] for xs, ys in zip(after, self.bits)],
+            "state_unchanged": same_bits(self.state, state_bits(self.opt)),
+            "finite": not non_finite(p for ps in self.weights for p in ps),
+            "bad": self.bad,  # a non-finite gradient in what this rank's optimizer sees
+            "had_grad": self.had_grad,
+            "before": self.counts,
+            "after": counters(self.opt),
+        }
 
 
 def check_skip_properties(rec: dict, ex, t: int, bad: bool, where: str = "") -> None:
     """P2 / P3 on one step's record (``bad``: a non-finite gradient somewhere, on any rank)."""
-    b, a = rec["before"], rec["after"]
-    had_grad = [any(x[0] != "none" for x in gs) for gs in ex["steps"][t]["grads"]]
+    b, a, had_grad = rec["before"], rec["after"], rec["had_grad"]
     if bad:  # P2
         assert not any(any(c) for c in rec["changed"]), f"{where}step {t}: a weight changed in a skipped step"
         assert rec["state_unchanged"], f"{where}step {t}: optimizer state changed in a skipped step"
@@ -418,6 +449,21 @@ def check_skip_properties(rec: dict, ex, t: int, bad: bool, where: str = "") -> 
                     assert not rec["changed"][gi][ti], f"{where}step {t}: weight {gi}.{ti} moved with a {name} gradient"
 
 
+def momentum_in_weight_dtype(opt, p, model: Float64Model, key, before: torch.Tensor, ex) -> torch.Tensor:
+    """SGD-SaI on bf16/fp16 weights keeps its momentum in the weight's dtype (as the official code): the
+    buffer is held to the float64 EMA within that storage precision (2^-6 of its peak: two roundings a
+    step in bf16, and torch's ``add_(g, alpha=0.1)`` rounds alpha to the dtype, as ``test_reference``'s
+    bf16 test states; plus two ulps, for subnormal fp16 gradients), and the weight's expected next value
+    is taken from the library's buffer."""
+    buf = opt.state[p]["momentum_buffer"].to(F64)
+    ref_buf = model.buf[key]
+    err = (buf - ref_buf).abs()
+    tol = 2.0**-6 * ref_buf.abs().max() + 2 * ulp(ref_buf, p.dtype)
+    assert bool((err <= tol).all()), f"momentum buffer of {key} off the float64 EMA by {(err / tol).max():.3g}x"
+    lr, wd = model.hp["lr"], ex["groups"][key[0]]["weight_decay"]
+    return (1 - lr * wd) * before - lr * model.factor[key] * buf
+
+
 def run_single(ex) -> None:
     """P1-P4 on one example in this process."""
     info = optim_db.info(ex["row"])
@@ -430,17 +476,18 @@ def run_single(ex) -> None:
             assert opt.weight_rule(opt.param_groups[gi], tuple(p.shape)) == want, (gi, ti, tuple(p.shape))
     model = Float64Model(ex)
     history: dict = {}
-    rel = 1e-10 if dtype == F64 else 1e-5
+    rel = 1e-6 if dtype == F64 else 1e-5  # fp64 (SGD-SaI): its g-SNR is fp32 state (6e-8 relative)
     for t in range(len(ex["steps"])):
         grads = full_grads(ex, t)
         for ps, gs in zip(params, grads):
             for p, g in zip(ps, gs):
                 p.grad = g
         before = [[p.detach().to(F64).clone() for p in ps] for ps in params]
-        before_bits = [[_bits(p) for p in ps] for ps in params]
-        sb, cb = state_bits(opt), counters(opt)
+        probe = StepProbe(opt, params)
+        probe.before()
+        probe.seen(opt.param_groups)
         opt.step()
-        rec = record_step(opt, params, before_bits, sb, cb, grads)
+        rec = probe.after()
         check_skip_properties(rec, ex, t, rec["bad"])
         if rec["bad"]:
             continue
@@ -451,13 +498,15 @@ def run_single(ex) -> None:
                 if ref is None:
                     continue
                 spec = ex["steps"][t]["grads"][gi][ti]
+                rule = expected_rule(info, tuple(shape), g["batch_dims"])
                 hist = history.setdefault((gi, ti), [])
                 hist.append(spec[1])
                 got = params[gi][ti].detach().to(F64)
                 if not representable(ref, dtype):  # P1 does not apply; later steps neither
                     return
+                if rule == "elementwise" and dtype in (torch.bfloat16, torch.float16):
+                    ref = momentum_in_weight_dtype(opt, params[gi][ti], model, (gi, ti), before[gi][ti], ex)
                 assert bool(torch.isfinite(got).all()), f"step {t}: weight {gi}.{ti} {tuple(shape)} not finite"
-                rule = expected_rule(info, tuple(shape), g["batch_dims"])
                 if reference_defined(info, rule, tuple(shape), g["batch_dims"], spec, hist):  # P4
                     err = (got - ref).abs()
                     tol = bound(dtype, before[gi][ti], ref, rel)
@@ -472,3 +521,215 @@ def run_single(ex) -> None:
 @given(ex=example("single"))  # examples, deadline, derandomization: the active profile (conftest.py)
 def test_single_process_properties(ex):
     run_single(ex)
+
+
+# ===================================================================================== two ranks
+class Holder(torch.nn.Module):
+    """The example's weights as a module (``w{group}_{index}``) for DDP, FSDP2 and DeepSpeed to wrap."""
+
+    def __init__(self, ex, device):
+        super().__init__()
+        dtype = DTYPES[ex["dtype"]]
+        self.names = []
+        for gi, ws in enumerate(initial_weights(ex)):
+            self.names.append([])
+            for ti, w in enumerate(ws):
+                self.register_parameter(f"w{gi}_{ti}", torch.nn.Parameter(w.to(device=device, dtype=dtype)))
+                self.names[-1].append(f"w{gi}_{ti}")
+
+    def grouped(self) -> list[list[torch.nn.Parameter]]:
+        return [[getattr(self, n) for n in names] for names in self.names]
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole weight (FSDP2: gathered, a collective every rank joins), float64 on the host."""
+    p = p.detach()
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).to("cpu", F64)
+
+
+def backend_bound(row: str, dtype: torch.dtype, before, ref, got) -> float:
+    """Worst |distributed - single process| over the per-entry tolerance: ``test_fsdp2.REL_TOL`` of the
+    movement (1e-4; 1e-3 for the iterative whitenings: the runs differ only in the order of fp32 sums over
+    ranks, which an unconverged whitening amplifies, see test_fsdp2), plus ``bound``'s ulps (two of the
+    weight dtype for bf16/fp16: each side rounds stochastically, with its own draws)."""
+    from test_fsdp2 import REL_TOL
+
+    if not ref.numel():
+        return 0.0
+    tol = bound(dtype, before, ref, REL_TOL[row])
+    if dtype in (torch.bfloat16, torch.float16):
+        tol = tol + ulp(torch.maximum(before.abs(), ref.abs()), dtype)
+    return ((got - ref).abs() / tol).max().item()
+
+
+def run_backend(ctx, backend: str, ex) -> dict:
+    """One example on this rank under ``backend``, with the single-process twin (the same optimizer on
+    plain tensors, rank-local, stepped on the same full gradients) for P5."""
+    dtype = DTYPES[ex["dtype"]]
+    twin_params = [[torch.nn.Parameter(w.to(dtype)) for w in ws] for ws in initial_weights(ex)]
+    twin = make_optimizer(ex, twin_params, replicate_group=False)
+    model, engine = Holder(ex, ctx.device), None
+    if backend == "ddp":  # the step's gradients are set after DDP's all-reduce would have run
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(model) if ctx.device_type == "cpu" else DDP(model, device_ids=[ctx.device.index])
+        extra = {"replicate_group": ddp.process_group} if ex["how"] == "param_groups" else {}
+        opt = make_optimizer(ex, model.grouped(), **extra)
+    elif backend == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+        from test_fsdp2 import get_mesh
+
+        fully_shard(model, mesh=get_mesh(ctx, "1d"))
+        opt = make_optimizer(ex, model.grouped())
+    else:  # ZeRO-2; DeepSpeed's own norm and clipping off, so every gradient reaches our screen
+        from test_deepspeed import _cfg, _ds
+
+        deepspeed, _ = _ds(ctx)
+        cfg = _cfg(2, mb=1, gas=1, clip=0.0, zero={"compute_grad_norm": False})
+        engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(ex, model.grouped()), config=cfg)
+        opt = engine.basic_optimizer
+    weights = model.grouped()
+    probe = StepProbe(opt, weights)
+    if engine is not None:  # DeepSpeed's gradients exist (flat partitions) only when it calls our step
+        inner = opt.step
+
+        def step(closure=None):
+            probe.seen(opt.param_groups)
+            return inner(closure)
+
+        opt.step = step
+    steps = []
+    try:
+        for t in range(len(ex["steps"])):
+            full = full_grads(ex, t)  # the single-process twin's (the injection on no particular rank)
+            # DDP: after the all-reduce, on one rank; ZeRO: in one rank's micro-batch gradient, then averaged
+            mine = full_grads(ex, t, rank=ctx.rank) if backend in ("ddp", "zero2") else full
+            before = [[_full(p) for p in ps] for ps in weights]
+            if backend == "zero2":  # d/dW sum(W * C) = C exactly; (C + C) / 2 = C
+                loss = sum((p * g.to(ctx.device)).sum() for ps, gs in zip(weights, mine) for p, g in zip(ps, gs)
+                           if g is not None)
+                engine.backward(loss)
+                probe.before()
+                engine.step()
+            else:
+                for ps, gs in zip(weights, mine):
+                    for p, g in zip(ps, gs):
+                        if g is None:
+                            p.grad = None
+                        elif backend == "fsdp2":
+                            from torch.distributed.tensor import distribute_tensor
+
+                            p.grad = distribute_tensor(g.to(ctx.device), p.device_mesh, p.placements)
+                        else:
+                            p.grad = g.to(ctx.device)
+                probe.before()
+                probe.seen(opt.param_groups)
+                opt.step()
+            rec = probe.after()
+            for ps, gs in zip(twin_params, full):
+                for p, g in zip(ps, gs):
+                    p.grad = None if g is None else g.clone()
+            twin.step()
+            got = [[_full(p) for p in ps] for ps in weights]
+            refs = [[p.detach().to(F64) for p in ps] for ps in twin_params]
+            rec["representable"] = all(representable(r, dtype) for rs in refs for r in rs)
+            rec["worst"] = max((backend_bound(ex["row"], dtype, b, r, g) for bs, rs, gs in zip(before, refs, got)
+                                for b, r, g in zip(bs, rs, gs)), default=0.0) if rec["representable"] else 0.0
+            steps.append(rec)
+            if not rec["representable"]:  # the float64 result overflows the dtype: nothing more to compare
+                break
+        final = [[_bits(p.full_tensor() if hasattr(p, "full_tensor") else p) for p in ps] for ps in weights]
+    finally:
+        if engine is not None:
+            from test_deepspeed import _finish
+
+            _finish(engine)
+    return {"steps": steps, "final": final if backend == "ddp" else None,
+            "engine_skipped": engine.skipped_steps if engine is not None else 0}
+
+
+def backend_case(ctx, backend: str, examples: list[dict]) -> list[dict]:
+    """Every example of ``backend`` on this rank; a raising example is reported, not fatal, so the
+    spawn's later examples still run (the ranks stay in step: examples raise on every rank alike)."""
+    out = []
+    for ex in examples:
+        try:
+            out.append(run_backend(ctx, backend, ex))
+        except Exception:  # noqa: BLE001 - reported to the parent, which fails the test with it
+            out.append({"error": traceback.format_exc()})
+    return out
+
+
+def draw_examples(backend: str, n: int) -> list[dict]:
+    """``n`` examples of ``example(backend)``, derandomized: the same list on every run, drawn here in the
+    pytest process and shipped to the ranks as data."""
+    drawn: list[dict] = []
+
+    @settings(derandomize=True, database=None, max_examples=n, phases=[Phase.generate], deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(example(backend))
+    def collect(ex):
+        drawn.append(ex)
+
+    collect()
+    return drawn
+
+
+def check_backend(backend: str, examples: list[dict], per_rank: list[list[dict]]) -> None:
+    for i, ex in enumerate(examples):
+        recs = [ranks[i] for ranks in per_rank]
+        where = f"{backend} example {i} {ex}: "
+        for r, rec in enumerate(recs):
+            assert rec.get("error") is None, f"{where}rank {r} raised:\n{rec['error']}"
+        for t in range(len(recs[0]["steps"])):
+            steps = [rec["steps"][t] for rec in recs]
+            bad = any(s["bad"] for s in steps)
+            assert bad == (bad_target(ex, t) is not None), f"{where}step {t}: the injected NaN/Inf went astray"
+            for r, s in enumerate(steps):
+                check_skip_properties(s, ex, t, bad, where=f"{where}rank {r} ")  # P2, P3
+                if s["representable"]:
+                    assert s["finite"], f"{where}rank {r} step {t}: non-finite weights"  # P1
+                    assert s["worst"] <= 1.0, f"{where}rank {r} step {t}: {s['worst']:.3g}x the bound off " \
+                                              "the single-process optimizer"  # P5
+            assert all(s["after"] == steps[0]["after"] for s in steps), f"{where}step {t}: ranks disagree"
+        if backend == "ddp":
+            assert all(same_bits([("w", a) for b in recs[0]["final"] for a in b],
+                                 [("w", a) for b in rec["final"] for a in b]) for rec in recs), (
+                f"{where}DDP replicas differ")
+
+
+def _hosts() -> dict:
+    """The registry whose 2-rank spawn each backend's examples ride (registered at import, so they run
+    in the spawn that module's own tests start anyway)."""
+    import test_ddp
+    import test_deepspeed
+    import test_fsdp2
+
+    return {"ddp": test_ddp.CASES, "fsdp2": test_fsdp2.CASES, "zero2": test_deepspeed.REG[2]}
+
+
+# Examples per backend: a tenth of the profile's (ci: 15; thorough: 150).
+BACKEND_EXAMPLES = max(settings.default.max_examples // 10, 3)
+HOSTS = _hosts()
+EXAMPLES = {b: draw_examples(b, BACKEND_EXAMPLES) for b in HOSTS}
+for _b, _reg in HOSTS.items():
+    _reg.add(f"fuzz_{_b}", backend_case, (WORLD,), backend=_b, examples=EXAMPLES[_b])
+
+
+def backend_results(backend: str) -> list:
+    """The ranks' results: from the host module's spawn when it ran (the whole suite), else (this file
+    alone, or the host's tests deselected) from a spawn of this case only."""
+    reg = HOSTS[backend]
+    name = f"fuzz_{backend}"
+    timeout = 480.0 if backend == "zero2" else None
+    if reg.ran(WORLD):
+        return reg.result(name, WORLD, **({"timeout": timeout} if timeout else {}))
+    run = run_cases([reg.cases[name]], WORLD, **({"timeout": timeout} if timeout else {}))
+    if name in run.errors:
+        raise AssertionError(run.errors[name])
+    return run.results[name]
+
+
+@pytest.mark.parametrize("backend", list(HOSTS))
+def test_two_rank_properties(backend):
+    check_backend(backend, EXAMPLES[backend], backend_results(backend))
