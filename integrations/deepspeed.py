@@ -566,7 +566,33 @@ def attach(engine) -> DeepSpeedLayout | None:
         )
     layout = DeepSpeedLayout(wrapper, kind)
     opt.add_layout(layout)
+    if kind == "zero1/2":
+        _screen_all_groups_first(wrapper, opt)
     return layout
+
+
+def _screen_all_groups_first(wrapper, opt) -> None:
+    """ZeRO-1/2 call our ``step()`` once per param group, with ``param_groups`` swapped to that group, so
+    our screen sees one group at a time: a NaN/Inf in a later group's gradient would be found after the
+    earlier groups stepped (a partial step). DeepSpeed checks every group first itself when it computes
+    the gradient norm or checks for overflow; when it does neither (fp32 with ``compute_grad_norm:
+    false``), check every group's gradients before its loop with its own finiteness test (reduced over
+    its data- and model-parallel groups), and have every per-group call of that step skip, counted once."""
+    if getattr(wrapper, "_stateless_opt_screens_first", False):
+        return
+    _need(wrapper, "compute_grad_norm", "check_grad_overflow", "has_overflow", "partition_gradients")
+    wrapper._stateless_opt_screens_first = True
+    inner = wrapper.step
+
+    def step(*args, **kwargs):
+        opt.skip_whole_step = (not wrapper.compute_grad_norm and not wrapper.check_grad_overflow
+                               and bool(wrapper.has_overflow(partition_gradients=wrapper.partition_gradients)))
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            opt.skip_whole_step = False
+
+    wrapper.step = step
 
 
 def layout_of(engine_or_optimizer) -> DeepSpeedLayout | None:

@@ -144,6 +144,9 @@ class StatelessOptimizer(torch.optim.Optimizer):
         # device index tensors of each chunk layout (row_col_norms.chunk_geometry), built at the first step
         self.geometry_cache: dict = {}
         self._logged_rules = False
+        # Set by an engine that steps one param group at a time (DeepSpeed ZeRO-1/2) when it found a
+        # NaN/Inf in another group's gradients before its loop: every call of that step skips.
+        self.skip_whole_step = False
         self._validated: dict[int, tuple] = {}  # id(group) -> the values last validated (_validate_groups)
 
     # ------------------------------------------------------------------ checks
@@ -328,7 +331,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
         work = self._gather_work()
         if not work:
             return loss
-        live = self._screen(work)
+        live = None if self.skip_whole_step else self._screen(work)
         if live is None:
             for w in work:
                 w.group["skipped_steps"] += 1
