@@ -52,12 +52,14 @@ def sgd_sai_update(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, s
 # ====================================================================================== batched
 def gsnr_from_sums(total: torch.Tensor, total_sq: torch.Tensor, count: torch.Tensor, eps: float) -> torch.Tensor:
     """``gsnr`` of many tensors from their (all-reduced) sums and sums of squares (float64 in, fp32
-    out), std unbiased (N-1); one-element tensors get 1."""
+    out), std unbiased (N-1); one-element tensors get 1. Saturated at fp32's largest value: a constant
+    gradient's scale is ||g|| / eps, which above ||g|| ~ 3e30 would overflow the fp32 state to inf and
+    turn an fp64 weight whose update fits into inf."""
     norm = total_sq.clamp_min(0).sqrt()
     var = (total_sq - total * total / count) / (count - 1).clamp_min(1)
     std = var.clamp_min(0).sqrt()
     snr = norm / (std + eps)
-    return torch.where(count > 1, snr, torch.ones_like(snr)).float()
+    return torch.where(count > 1, snr, torch.ones_like(snr)).clamp_max(torch.finfo(torch.float32).max).float()
 
 
 # ====================================================================================== the optimizer

@@ -218,15 +218,17 @@ def matrices(shape: tuple, batch_dims: int) -> tuple[int, int, int]:
     return math.prod(shape[:bd]), shape[bd], math.prod(shape[bd + 1:])
 
 
-def reference_defined(info, rule: str, shape: tuple, batch_dims: int, grad: tuple, history: list) -> bool:
+def reference_defined(info, rule: str, shape: tuple, batch_dims: int, grad: tuple, history: list,
+                      g: torch.Tensor) -> bool:
     """Where the float64 reference is a fair target for fp32 arithmetic (P4):
 
     * SWAN's polar factor is discontinuous where the normalised gradient loses rank (constant rows or
       columns, rank one, one-hot, square matrices after centring): there the fp32 rank decision, not
       rounding, sets the result. Defined for Gaussian gradients; for the iterative whitenings
       (``amplifies_rounding``) only on non-square matrices, as in ``test_reference``.
-    * SGD-SaI's g-SNR of a constant gradient is ||g|| / (0 + eps) in exact arithmetic but
-      ||g|| / (rounding noise + eps) in any floating-point sum: ill-conditioned, not compared.
+    * SGD-SaI's g-SNR of a constant gradient ``g`` (of more than one element) is ||g|| / (0 + eps) in
+      exact arithmetic but ||g|| / (rounding noise + eps) in any floating-point sum: ill-conditioned,
+      not compared.
     * The AdamW fallback squares the gradient in the weight's precision, as torch.optim.AdamW does: a
       peak above 1e18 overflows fp32's exp_avg_sq (the update becomes 0, then and at every later step);
       compared only while every gradient so far stayed below that.
@@ -238,7 +240,7 @@ def reference_defined(info, rule: str, shape: tuple, batch_dims: int, grad: tupl
         _, m, n = matrices(shape, batch_dims)
         if info.amplifies_rounding and m == n:
             return False
-    if rule == "elementwise" and name == "const":
+    if rule == "elementwise" and g.numel() > 1 and bool((g == g.reshape(-1)[0]).all()):
         return False
     if rule == "fallback" and info.variant.get("fallback", "adamw") == "adamw":
         return all(k <= 18 for k in history)
@@ -507,7 +509,7 @@ def run_single(ex) -> None:
                 if rule == "elementwise" and dtype in (torch.bfloat16, torch.float16):
                     ref = momentum_in_weight_dtype(opt, params[gi][ti], model, (gi, ti), before[gi][ti], ex)
                 assert bool(torch.isfinite(got).all()), f"step {t}: weight {gi}.{ti} {tuple(shape)} not finite"
-                if reference_defined(info, rule, tuple(shape), g["batch_dims"], spec, hist):  # P4
+                if reference_defined(info, rule, tuple(shape), g["batch_dims"], spec, hist, grads[gi][ti]):  # P4
                     err = (got - ref).abs()
                     tol = bound(dtype, before[gi][ti], ref, rel)
                     worst = (err / tol).max().item()
