@@ -36,10 +36,11 @@ from __future__ import annotations
 import math
 import multiprocessing
 import traceback
+import zlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 import optim_db
@@ -89,9 +90,9 @@ def shape_of(kind: str, a: int, b: int, c: int) -> tuple[int, ...]:
 
 
 @st.composite
-def example(draw, backend: str = "single") -> dict:
-    """One fuzz example as plain data (picklable, shipped to ranks)."""
-    row = draw(st.sampled_from([r.id for r in optim_db.OPTIM_DB]))
+def example(draw, backend: str = "single", row: str | None = None) -> dict:
+    """One fuzz example as plain data (picklable, shipped to ranks); ``row``: of that catalogue row."""
+    row = row or draw(st.sampled_from([r.id for r in optim_db.OPTIM_DB]))
     info = optim_db.info(row)
     dtypes = BACKEND_DTYPES.get(backend) or tuple(
         d for d in DTYPES if DTYPES[d] in info.cls.param_dtypes)
@@ -671,20 +672,35 @@ def backend_case(ctx, backend: str, examples: list[dict]) -> list[dict]:
     return out
 
 
+def richness(ex) -> tuple:
+    """How much an example exercises: finite steps with live multi-element gradients, distinct patterns
+    and shapes, an injected NaN/Inf (the first draws of a derandomized run are the minimal ones)."""
+    live = [(x[0], tuple(s)) for st in ex["steps"] if st["bad"] is None for g, gs in zip(ex["groups"], st["grads"])
+            for s, x in zip(g["shapes"], gs) if math.prod(s) > 1 and x[0] not in ("zero", "none")]
+    return (len({p for p, _ in live}) + len({s for _, s in live}) + any(st["bad"] for st in ex["steps"]), repr(ex))
+
+
 def draw_examples(backend: str, n: int) -> list[dict]:
     """``n`` examples of ``example(backend)``, the same on every run, drawn here in the pytest process and
-    shipped to the ranks as data: a derandomized pool of 10 n draws, duplicates dropped, then taken
-    round-robin over the catalogue rows (every row appears once ``n`` reaches the catalogue's size)."""
-    pool: dict[str, dict] = {}
+    shipped to the ranks as data: for each catalogue row a pool of 5 draws per example it may get, from a
+    fixed seed (the backend's and row's name), duplicates dropped, then taken round-robin over the rows,
+    richest first (``richness``: a run's first draws are the minimal ones); every row appears once
+    ``n`` reaches the catalogue's size."""
+    rows = [r.id for r in optim_db.OPTIM_DB]
+    per_row = 5 * -(-n // len(rows))
+    by_row = {}
+    for row in rows:
+        pool: dict[str, dict] = {}
 
-    @settings(derandomize=True, database=None, max_examples=10 * n, phases=[Phase.generate], deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(example(backend))
-    def collect(ex):
-        pool.setdefault(repr(ex), ex)
+        @seed(zlib.crc32(f"{backend}/{row}".encode()))
+        @settings(database=None, max_examples=per_row, phases=[Phase.generate], deadline=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(example(backend, row))
+        def collect(ex):
+            pool.setdefault(repr(ex), ex)
 
-    collect()
-    by_row = {r.id: [e for e in pool.values() if e["row"] == r.id] for r in optim_db.OPTIM_DB}
+        collect()
+        by_row[row] = sorted(pool.values(), key=richness, reverse=True)
     out: list[dict] = []
     while len(out) < n and any(by_row.values()):
         for queue in by_row.values():
