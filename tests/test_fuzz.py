@@ -745,10 +745,10 @@ def _hosts() -> dict:
     return {"ddp": test_ddp.CASES, "fsdp2": test_fsdp2.CASES, "zero2": test_deepspeed.REG[2]}
 
 
-# Examples per backend: a tenth of the profile's (ci: 15, every catalogue row at least once; thorough:
-# 150). Drawn and registered by the pytest process only: a spawned rank imports this module for
+# Examples per backend: a twentieth of the profile's (ci: 20, every catalogue row twice; thorough: 200).
+# Drawn and registered by the pytest process only: a spawned rank imports this module for
 # ``backend_case`` and gets its examples as arguments.
-BACKEND_EXAMPLES = max(settings.default.max_examples // 10, 3)
+BACKEND_EXAMPLES = max(settings.default.max_examples // 20, 3)
 if multiprocessing.parent_process() is None:
     HOSTS = _hosts()
     EXAMPLES = {b: draw_examples(b, BACKEND_EXAMPLES) for b in BACKENDS}
