@@ -380,8 +380,10 @@ class StatelessOptimizer(torch.optim.Optimizer):
         grads = [s.grad for s in all_shards]
         held = [g for g in grads if g.numel()]  # the inf-norm of an empty tensor is undefined
         device = grads[0].device
-        # exact in fp32 for fp32/bf16/fp16 gradients; fp64 ones keep their range (1e300 is finite)
-        dtype = torch.float64 if any(g.dtype == torch.float64 for g in held) else torch.float32
+        # exact in fp32 for fp32/bf16/fp16 gradients; fp64 ones keep their range (1e300 is finite). From
+        # every gradient, held or not: every rank must reduce the same dtype (gloo aborts otherwise), also
+        # one that holds nothing of an fp64 weight (FSDP2's trailing ranks)
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
         peaks_held = iter(torch._foreach_norm(held, float("inf"), dtype=dtype) if held else ())
         zero = torch.zeros((), dtype=dtype, device=device)
         peak = torch.stack([next(peaks_held) if g.numel() else zero for g in grads])
@@ -429,10 +431,12 @@ class StatelessOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ applying updates
     def _apply(self, params: list[torch.Tensor], updates: list[torch.Tensor], lr: float, weight_decay: float,
-               group: dict, scales: list[float] | None = None) -> None:
+               group: dict, scales: list[float] | None = None, keys: list[tuple] | None = None) -> None:
         """W <- (1 - lr*wd) W - lr * scale * U on local pieces (``scales`` default to 1). fp32 weights
         in place; low-precision weights through fp32 and, by default, stochastic rounding (seeded by the
-        step, so a resumed run replays the same rounding)."""
+        step, so a resumed run replays the same rounding; with ``keys``, each piece's noise by its own
+        key too: independent of how the pieces were batched into calls, which differs between ranks
+        where owners apply their own results first, so DDP replicas round alike)."""
         decay = 1.0 - lr * weight_decay
         scales = scales or [1.0] * len(params)
         full = [i for i, p in enumerate(params) if p.dtype in NATIVE_DTYPES]
@@ -449,6 +453,8 @@ class StatelessOptimizer(torch.optim.Optimizer):
         if low:
             gen = self._rounding_generator(group, params[low[0]].device)
             for i in low:
+                if keys is not None:
+                    gen = self._rounding_generator(group, params[i].device, keys[i])
                 value = params[i].float().mul_(decay).add_(updates[i], alpha=-lr * scales[i])
                 self._write(params[i], value, group, gen)
 
@@ -458,12 +464,15 @@ class StatelessOptimizer(torch.optim.Optimizer):
         else:
             dst.copy_(value)
 
-    def _rounding_generator(self, group: dict, device) -> torch.Generator:
+    def _rounding_generator(self, group: dict, device, key: tuple = ()) -> torch.Generator:
         """Seeded by the group's step and position (found by identity: ``list.index`` would compare
-        the groups' tensors elementwise)."""
+        the groups' tensors elementwise), and ``key`` (ints, equal on every rank)."""
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        seed = group["step"] * 1_000_003 + index * 7919
+        for k in key:
+            seed = (seed * 1_000_033 + k + 1) % (2**63)
         gen = torch.Generator(device=device)
-        gen.manual_seed((group["step"] * 1_000_003 + index * 7919) % (2**63))
+        gen.manual_seed(seed % (2**63))
         return gen
 
     # ------------------------------------------------------------------ checkpoints
@@ -578,4 +587,5 @@ class MatrixRuleOptimizer(StatelessOptimizer):
         return self._comms_for(w.row_groups), self._comms_for(w.col_groups)
 
     def _apply_fragments(self, group: dict, frags: list[MatrixFragment], updates, lr: float) -> None:
-        self._apply([f.param for f in frags], list(updates), lr, group["weight_decay"], group)
+        self._apply([f.param for f in frags], list(updates), lr, group["weight_decay"], group,
+                    keys=[f.key for f in frags])
