@@ -332,9 +332,9 @@ class StatelessOptimizer(torch.optim.Optimizer):
         if not work:
             return loss
         live = None if self.skip_whole_step else self._screen(work)
-        if live is None:
-            for w in work:
-                w.group["skipped_steps"] += 1
+        if live is None:  # every group counts it, also one without gradients this step: each group's
+            for g in self.param_groups:  # counter (and their max, ``skipped_steps``) is the optimizer's count
+                g["skipped_steps"] += 1
             return loss
         todo = []
         for w in work:
