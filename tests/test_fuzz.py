@@ -222,7 +222,7 @@ def matrices(shape: tuple, batch_dims: int) -> tuple[int, int, int]:
 
 
 def reference_defined(info, rule: str, shape: tuple, batch_dims: int, grad: tuple, history: list,
-                      g: torch.Tensor, constant_scale: bool = False) -> bool:
+                      g: torch.Tensor, own_scale_constant: bool = False, any_scale_constant: bool = False) -> bool:
     """Where the float64 reference is a fair target for fp32 arithmetic (P4):
 
     * SWAN's polar factor is discontinuous where the normalised gradient loses rank (constant rows or
@@ -232,9 +232,10 @@ def reference_defined(info, rule: str, shape: tuple, batch_dims: int, grad: tupl
       Newton-Schulz's 12 steps only where the GradNorm'd matrix has sigma_min / sigma_max >= 0.2: that is
       where they converge to fp32 accuracy (measured on 300 random small Gaussians, 1e-30 to 1e30: worst
       5e-6 relative above 0.2, 1e-4 above 0.05, 0.3 below 0.01; Polar Express 2.4e-6 on all of them).
-    * SGD-SaI's g-SNR of a constant gradient ``g`` (of more than one element) is ||g|| / (0 + eps) in
-      exact arithmetic but ||g|| / (rounding noise + eps) in any floating-point sum: ill-conditioned,
-      not compared; nor, in the max-normalised variant, any weight once such a scale entered the max.
+    * SGD-SaI's g-SNR of a constant gradient (of more than one element) is ||g|| / (0 + eps) in exact
+      arithmetic but ||g|| / (rounding noise + eps) in any floating-point sum: ill-conditioned. A
+      weight whose (frozen) scale was taken from one is not compared, at that step or later; nor, in
+      the max-normalised variant, any weight once such a scale entered the max.
     * The AdamW fallback squares the gradient in the weight's precision, as torch.optim.AdamW does: a
       peak above 1e18 overflows fp32's exp_avg_sq (the update becomes 0, then and at every later step);
       compared only while every gradient so far stayed below that.
@@ -252,8 +253,8 @@ def reference_defined(info, rule: str, shape: tuple, batch_dims: int, grad: tupl
                 sv = torch.linalg.svdvals(R.gradnorm(x, 1e-8))
                 if sv.min() < 0.2 * sv.max():
                     return False
-    if rule == "elementwise" and (g.numel() > 1 and bool((g == g.reshape(-1)[0]).all())
-                                  or info.variant.get("max_normalized_gsnr") and constant_scale):
+    if rule == "elementwise" and (own_scale_constant
+                                  or info.variant.get("max_normalized_gsnr") and any_scale_constant):
         return False
     if rule == "fallback" and info.variant.get("fallback", "adamw") == "adamw":
         return all(k <= 18 for k in history)
@@ -273,7 +274,7 @@ class Float64Model:
         self.scale: dict = {}  # SGD-SaI: g-SNR taken at the first non-zero gradient
         self.buf: dict = {}  # SGD-SaI: the float64 EMA momentum
         self.factor: dict = {}  # SGD-SaI: scale / max scale of the last step
-        self.constant_scale = False  # SGD-SaI: a scale was taken from a constant gradient
+        self.constant_scale: set = set()  # SGD-SaI: weights whose scale came from a constant gradient
 
     def step(self, weights: list[list[torch.Tensor]], grads: list[list[torch.Tensor | None]]) -> list[list]:
         """Expected float64 weights after a finite step (a weight with no or a zero gradient: None)."""
@@ -286,7 +287,8 @@ class Float64Model:
                 if key not in self.scale:
                     g = grads[key[0]][key[1]]
                     self.scale[key] = R.gsnr(g, 1e-8)
-                    self.constant_scale |= g.numel() > 1 and bool((g == g.reshape(-1)[0]).all())
+                    if g.numel() > 1 and bool((g == g.reshape(-1)[0]).all()):
+                        self.constant_scale.add(key)
             top = max(self.scale.values()) if info.variant.get("max_normalized_gsnr") and self.scale else 1.0
         for gi, g in enumerate(self.ex["groups"]):
             wd = g["weight_decay"]
@@ -520,7 +522,7 @@ def run_single(ex) -> None:
                     ref = momentum_in_weight_dtype(opt, params[gi][ti], model, (gi, ti), before[gi][ti], ex)
                 assert bool(torch.isfinite(got).all()), f"step {t}: weight {gi}.{ti} {tuple(shape)} not finite"
                 if reference_defined(info, rule, tuple(shape), g["batch_dims"], spec, hist, grads[gi][ti],
-                                     model.constant_scale):  # P4
+                                     (gi, ti) in model.constant_scale, bool(model.constant_scale)):  # P4
                     err = (got - ref).abs()
                     tol = bound(dtype, before[gi][ti], ref, rel)
                     worst = (err / tol).max().item()
