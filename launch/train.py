@@ -212,6 +212,8 @@ def apply_deepspeed(model: torch.nn.Module, cfg: TrainConfig, env: "Env", build_
 
     ds = deepspeed_json(cfg, env.world)
     groups = stateless_opt.param_groups(model, fallback_weight_decay=cfg.optimizer.fallback_weight_decay)
+    if cfg.optimizer.name == "adamw":  # DeepSpeed's own AdamW (JSON "optimizer" block) keeps group LRs too
+        groups = adamw_groups(groups, cfg.optimizer.adamw.lr * cfg.optimizer.adamw.fallback_lr_ratio)
     kwargs: dict[str, Any] = {"model": model, "config": ds, "lr_scheduler": scheduler_fn}
     if "optimizer" in ds:
         kwargs["model_parameters"] = groups
@@ -233,9 +235,16 @@ def build_optimizer(cfg: TrainConfig, model_or_groups) -> torch.optim.Optimizer:
     )
     hp = o.selected().model_dump()
     if o.name == "adamw":
+        groups = adamw_groups(groups, hp["lr"] * hp["fallback_lr_ratio"])
         return torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
     lr = hp.pop("lr")
     return registry.lookup(o.name).cls(groups, lr=lr, **hp)
+
+
+def adamw_groups(groups: list[dict], fallback_lr: float) -> list[dict]:
+    """AdamW's groups with the fallback group (``param_groups``' rule "fallback") at its own LR; the
+    schedule scales every group's LR by the same factor, so the ratio holds throughout."""
+    return [{**g, "lr": fallback_lr} if g.get("rule") == "fallback" else g for g in groups]
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -436,7 +445,8 @@ class Trainer:
         hp = o.selected()
         base = base_optimizer(self.optimizer)
         counts = base.rule_counts() if hasattr(base, "rule_counts") else None
-        extra = f", fallback lr {hp.lr * hp.fallback_lr_ratio:g} ({hp.fallback})" if hasattr(hp, "fallback_lr_ratio") else ""
+        extra = (f", fallback lr {hp.lr * hp.fallback_lr_ratio:g} ({getattr(hp, 'fallback', o.name)})"
+                 if hasattr(hp, "fallback_lr_ratio") else "")
         self.log(f"[optimizer] {o.name}: lr {hp.lr:g}{extra}, weight decay {hp.weight_decay:g}"
                  + (f"; tensors per rule {counts}" if counts else ""))
         t = self.cfg.training

@@ -28,7 +28,27 @@ class OptimizerConfig(BaseModel):
         return value
 
 
-class MatrixRuleConfig(OptimizerConfig):
+class AdamWFallbackConfig(OptimizerConfig):
+    """The AdamW fallback's own settings: SWAN and SinkGD's fallback, SGD-SaI's opt-in one."""
+
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW fallback betas")
+    adam_eps: float = Field(1e-8, gt=0.0, description="AdamW fallback epsilon")
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, value: Any) -> Any:
+        return tuple(float(v) if type(v) is int else v for v in value) if isinstance(value, list) else value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        for i, beta in enumerate(value):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
+        return value
+
+
+class MatrixRuleConfig(AdamWFallbackConfig):
     """Shared by SWAN and SinkGD: the matrix rule plus the fallback for embeddings, head, 1-D."""
 
     lr: float = Field(1e-3, ge=0.0, description="learning rate of the matrix rule")
@@ -44,27 +64,12 @@ class MatrixRuleConfig(OptimizerConfig):
         gt=0.0,
         description="fallback LR = lr * ratio; the papers use a matrix LR of about 0.05 x the Adam LR",
     )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW fallback betas")
-    adam_eps: float = Field(1e-8, gt=0.0, description="AdamW fallback epsilon")
     chunk_mb: float = Field(
         256.0, gt=0.0, description="upper bound on the fp32 temporaries of one batched chunk (MiB)"
     )
     stochastic_rounding: bool = Field(
         True, description="round low-precision (bf16/fp16) weights stochastically so small updates survive"
     )
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_from_list(cls, value: Any) -> Any:
-        return tuple(float(v) if type(v) is int else v for v in value) if isinstance(value, list) else value
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        for i, beta in enumerate(value):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
-        return value
 
 
 # Keys a param group may carry besides hyper-parameters.

@@ -47,6 +47,11 @@ class StateSize(NamedTuple):
     scalars_on_host: bool = True
 
 
+# The AdamW fallback's state (SWAN/SinkGD's fallback groups, SGD-SaI's opt-in one): two fp32 moments
+# per element, a 4-byte step counter per tensor (on the host).
+ADAMW_FALLBACK_STATE = StateSize(per_element=8.0, per_tensor=4)
+
+
 @dataclass
 class GroupWork:
     """What one param group contributes to this step."""
@@ -391,7 +396,7 @@ class MatrixRuleOptimizer(StatelessOptimizer):
     def state_size(cls, group: dict, element_bytes: int) -> StateSize:
         """0 on matrix-rule weights; the AdamW fallback's two fp32 moments and its host step counter."""
         if group.get("rule") == "fallback" and group.get("fallback", "adamw") == "adamw":
-            return StateSize(per_element=8.0, per_tensor=4)
+            return ADAMW_FALLBACK_STATE
         return StateSize()
 
     def _ensure_state(self, group, units, shards) -> None:

@@ -396,6 +396,70 @@ def test_sgd_sai_max_normalized_matches_reference_fp32():
     assert diff > 1e-3
 
 
+@pytest.mark.parametrize("fallback", ["adamw", "sgdsai"])
+def test_sgd_sai_fallback_groups_match_reference(fallback):
+    # A departure from the paper, opt-in: groups marked rule="fallback" take AdamW (or SGD-SaI) at
+    # lr * fallback_lr_ratio, the others SGD-SaI at lr, each against its float64 reference; the LR is
+    # changed between steps as a scheduler does (the ratio follows it), and a state_dict round trip
+    # after step 2 continues the same trajectory. fp32 math vs float64: FP32_TOL of the movement.
+    lr0, ratio, wd, betas, eps = 1e-2, 7.0, 0.1, (0.8, 0.95), 1e-6
+    factors = [1.0, 0.5, 0.8, 0.3]
+    shapes = [(4, 6), (11, 6), (13,)]  # matrix; embedding-like and norm-like in the fallback group
+    ws = [_weight(s_, 20 + i) for i, s_ in enumerate(shapes)]
+    w0 = [w.detach().clone() for w in ws]
+    grads = [_grads(s_, len(factors), 30 + i) for i, s_ in enumerate(shapes)]
+
+    def build(params):
+        return SGDSaI([{"params": params[:1], "rule": "matrix"}, {"params": params[1:], "rule": "fallback"}],
+                      lr=lr0, weight_decay=wd, fallback=fallback, fallback_lr_ratio=ratio, betas=betas, adam_eps=eps)
+
+    opt = build(ws)
+    mat_ref = R.SGDSaIRef(lr0, weight_decay=wd)
+    fb_refs = ([R.AdamWRef(lr0 * ratio, betas, eps, wd) for _ in shapes[1:]] if fallback == "adamw"
+               else R.SGDSaIRef(lr0 * ratio, weight_decay=wd))
+    cur = [w.to(F64) for w in w0]
+    traj = [[], [], []]
+    refs = [[], [], []]
+    for t, f in enumerate(factors):
+        if t == 2:  # resume from a checkpoint of the first two steps
+            state = opt.state_dict()
+            ws = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+            opt = build(ws)
+            opt.load_state_dict(state)
+        for group in opt.param_groups:
+            group["lr"] = lr0 * f
+        gs = [g[t] for g in grads]
+        for w, g in zip(ws, gs):
+            w.grad = g.clone()
+        opt.step()
+        mat_ref.lr = lr0 * f
+        cur[0] = mat_ref.step(cur[:1], gs[:1])[0]
+        if fallback == "adamw":
+            for i, ref in enumerate(fb_refs, start=1):
+                ref.lr = lr0 * f * ratio
+                cur[i] = ref.step(cur[i], gs[i])
+        else:
+            fb_refs.lr = lr0 * f * ratio
+            cur[1:] = fb_refs.step(cur[1:], gs[1:])
+        for i, w in enumerate(ws):
+            traj[i].append(w.detach().clone())
+            refs[i].append(cur[i])
+    for i in range(3):
+        assert traj_error(traj[i], refs[i], w0[i]) < FP32_TOL, (i, traj_error(traj[i], refs[i], w0[i]))
+    fb_state = opt.state[ws[1]]
+    assert ("exp_avg" in fb_state) == (fallback == "adamw") and ("gsnr" in fb_state) == (fallback == "sgdsai")
+    assert "gsnr" in opt.state[ws[0]] and "exp_avg" not in opt.state[ws[0]]
+
+
+@pytest.mark.parametrize("kw", [{"fallback": "adamw"}, {"fallback_lr_ratio": 3.0}])
+def test_sgd_sai_fallback_needs_marked_groups(kw):
+    # Without a rule="fallback" group the setting would silently do nothing: an error naming it.
+    ps = [torch.nn.Parameter(torch.zeros(4, 6)), torch.nn.Parameter(torch.zeros(6))]
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        SGDSaI(ps, lr=1e-2, **kw)
+    SGDSaI([{"params": ps[:1]}, {"params": ps[1:], "rule": "fallback"}], lr=1e-2, **kw)  # marked: accepted
+
+
 # ------------------------------------------------------------------------------------ bf16
 @pytest.mark.parametrize("stochastic", [True, False])
 @pytest.mark.parametrize("shape", list(MATRIX_SHAPES))

@@ -280,3 +280,31 @@ def test_multinode_script_commands():
     ds = dry(LAUNCHER="deepspeed", NNODES="2", HOSTFILE="hosts", MASTER_ADDR="10.0.0.1")
     assert ds.startswith("deepspeed --num_nodes 2 --num_gpus 8") and "--hostfile hosts" in ds
     assert "--no_local_rank --module launch.train" in ds
+
+
+def test_adamw_fallback_lr_ratio_gives_the_fallback_group_its_own_lr():
+    # optimizer.adamw.fallback_lr_ratio: embeddings, LM head and norms (param_groups' fallback group)
+    # at lr * ratio, matrices at lr; the warm-up + cosine schedule scales both, so the ratio holds at
+    # every step; 1 (the default) is one LR for every tensor. A non-positive ratio is a config error.
+    from launch.config import ConfigError, load_config
+    from launch.model import build_model
+    from launch.train import build_optimizer, make_scheduler
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", {
+        "optimizer.name": "adamw", "optimizer.adamw.lr": 1e-3, "optimizer.adamw.fallback_lr_ratio": 7.0,
+        "model.num_layers": 1, "training.steps": 20, "training.warmup_steps": 4})
+    model = build_model(cfg.model, 512)
+    opt = build_optimizer(cfg, model)
+    sched = make_scheduler(cfg, opt)
+    rules = [g["rule"] for g in opt.param_groups]
+    assert rules == ["matrix", "fallback"]
+    assert any("embed_tokens" in n for n in opt.param_groups[1]["names"])
+    for _ in range(10):
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs[1] == pytest.approx(7.0 * lrs[0]) and lrs[0] > 0
+        opt.step()
+        sched.step()
+    one = build_optimizer(load_config(ROOT / "configs" / "quickstart.yaml", {"optimizer.name": "adamw"}), model)
+    assert len({g["lr"] for g in one.param_groups}) == 1
+    with pytest.raises(ConfigError, match="optimizer.adamw.fallback_lr_ratio"):
+        load_config(overrides={"optimizer.adamw.fallback_lr_ratio": 0})
