@@ -24,7 +24,7 @@ sweep). A sweep may take its centre from another sweep's best (``after``).
 **Scheduling.** Runs go to ``--workers`` processes sharing one GPU (small models leave it mostly idle),
 highest priority first, as soon as they are ready (a sweep's seeds start when its own grid is done;
 no round barriers). ``--time-budget`` stops *starting* runs; what did not start is listed. First,
-each timed sweep's centre runs alone for ``TIMING_STEPS`` steps: the median step time (no other run
+each timed sweep's centre runs alone for ``TIMING["steps"]`` steps: the median step time (no other run
 on the GPU) gives the time-to-target column.
 
 **Report** (``benchmarks/results/convergence_<tag>.json/.md/.png``, run metrics and per-tensor
@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
 
 Q = math.sqrt(10.0)  # lattice step of every LR axis
 MAX_EXTENSIONS = 4  # points a sweep may add beyond its initial shape to get its best inside
-TIMING_STEPS, TIMING_SKIP = 40, 10  # exclusive timing run: median step time over steps TIMING_SKIP+1..
+TIMING = {"steps": 30, "skip": 10}  # exclusive timing run: median step time over steps skip+1..steps
 DIAG_EVERY = 22
 NOT_STARTED = "not started (time budget)"
 LABELS = {"adamw": "AdamW", "swan": "SWAN", "sinkgd": "SinkGD", "sgdsai": "SGD-SaI"}
@@ -111,9 +111,9 @@ SWEEPS_23M = [
     _S("sinkgd", "sinkgd", "SinkGD (AdamW fallback)", 1e-3 / Q, 20.0, timed=True),
     _S("adamw", "adamw", "AdamW, one LR", 1e-3, axes=("lr",), priority=1, timed=True,
        note="every tensor at one LR (the baseline of the README's earlier claim)"),
-    _S("swan_stateless", "swan", "SWAN, stateless fallback", 1e-3, Q, shape="plus", priority=2,
+    _S("swan_stateless", "swan", "SWAN, stateless fallback", 1e-3, 10.0, shape="plus", priority=2,
        overrides=STATELESS, section="memory", timed=True),
-    _S("sinkgd_stateless", "sinkgd", "SinkGD, stateless fallback", 1e-3 / Q, Q, shape="plus", priority=2,
+    _S("sinkgd_stateless", "sinkgd", "SinkGD, stateless fallback", 1e-3 / Q, 10.0, shape="plus", priority=2,
        overrides=STATELESS, section="memory", timed=True),
     _S("sgdsai", "sgdsai", "SGD-SaI (the paper: one LR, every tensor)", 3e-4 * Q, axes=("lr",), priority=3,
        section="sgdsai", timed=True),
@@ -124,7 +124,7 @@ SWEEPS_23M = [
     _S("sgdsai_ratio", "sgdsai", "SGD-SaI, fallback group at its own LR (SGD-SaI rule)", 0.0, 10.0,
        axes=("ratio",), seeds=1, priority=5, section="sgdsai", after="sgdsai",
        note="isolates step size from adaptivity: the same SGD-SaI rule on embeddings/head/norms, larger LR"),
-    _S("swan_rowclip", "swan", "SWAN, stateless fallback 'rowclip' (new)", 1e-3, Q, shape="plus", priority=4,
+    _S("swan_rowclip", "swan", "SWAN, stateless fallback 'rowclip' (new)", 1e-3, 10.0, shape="plus", priority=4,
        seed_priority=6, overrides=("--optimizer.swan.fallback=rowclip",), section="candidates"),
     _S("adamw_pg_2x", "adamw", "AdamW per-group, 2x steps", 0.0, None, shape="point", seeds=1, priority=6,
        overrides=LONG_23M, section="budget", after="adamw_pg"),
@@ -495,7 +495,7 @@ def run_study(plan: dict, sweeps: list[Sweep], centres: dict, runs_dir: Path, ex
                 if s.after_fallback_lr:
                     ratio = ratio if ratio is not None else 10.0
                 name = f"timing_{s.name}"
-                over = [f"--training.steps={TIMING_STEPS}", "--training.warmup_steps=1", "--training.eval_every=0"]
+                over = [f"--training.steps={TIMING['steps']}", "--training.warmup_steps=1", "--training.eval_every=0"]
                 runner.submit(job(s, lr, ratio, 0, name, over, {"timing": True}, with_diag=False))
                 res = runner.wait()  # one at a time: nothing else on the device
                 timings[s.name] = timing_from(res)
@@ -530,9 +530,9 @@ def run_study(plan: dict, sweeps: list[Sweep], centres: dict, runs_dir: Path, ex
 
 
 def timing_from(res: dict) -> dict:
-    """Median step time of a timing run (steps after the first TIMING_SKIP: compilation, warm-up)."""
+    """Median step time of a timing run (steps after the first few: compilation, warm-up)."""
     rows = _rows(res.get("run_dir", ""))
-    times = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > TIMING_SKIP]
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > TIMING["skip"]]
     per_step = next((r["tokens"] // r["step"] for r in rows if "tokens" in r and r["step"]), 0)
     return {"status": res.get("status"), "steps_timed": len(times), "tokens_per_step": per_step,
             "step_ms": 1e3 * statistics.median(times) if times else None,
@@ -677,13 +677,15 @@ def analyse(plan: dict, sweeps: list[Sweep], results: dict[str, dict], centres: 
             continue
         budget = max((c[-1][1] for n, c in curves.items() if n in info["runs_at_best"] and c), default=None)
         info["tokens_budget"] = budget
-        for key, tgt in (("target", target), ("one_lr", one_lr)):
+        for key, tgt, owner in (("target", target, "adamw_pg"), ("one_lr", one_lr, "adamw")):
             if tgt is None:
                 continue
             per = [tokens_to_reach(curves.get(n, []), tgt) for n in info["runs_at_best"]]
             reached = [t for t in per if t is not None]
             info[f"tokens_to_{key}"] = per
             mean = sum(reached) / len(reached) if reached and len(reached) == len(per) else None
+            if name == owner:  # its own seed mean: reached with the whole budget by definition (the seeds
+                mean = budget  # above the mean never cross it; their crossings are listed all the same)
             info[f"tokens_to_{key}_mean"] = mean
             info[f"tokens_to_{key}_ratio"] = mean / budget if (mean is not None and budget) else None
             t = info.get("timing") or {}
@@ -961,26 +963,32 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = [x for x in wanted if x not in {s.name for s in sweeps}]
         if unknown:  # before any training: a typo must not cost the study
             ap.error(f"--sweeps: unknown {unknown}; the plan has {[s.name for s in sweeps]}")
-        needed = set(wanted)
-        for s in sweeps:  # a sweep's dependencies come along
-            if s.name in needed:
-                needed |= {d for d in (s.after, s.after_fallback_lr) if d}
+        needed, grow = set(wanted), True
+        while grow:  # a sweep's dependencies come along
+            deps = {d for s in sweeps if s.name in needed for d in (s.after, s.after_fallback_lr) if d}
+            grow = not deps <= needed
+            needed |= deps
         sweeps = [s for s in sweeps if s.name in needed]
     if args.quick:
         sweeps = [quick_sweep(s) for s in sweeps]
+        TIMING.update(steps=6, skip=2)
     centres, centre_source = centres_from(args.centres_from, sweeps)
     runs_dir = Path(args.runs_dir)
     extra = (QUICK if args.quick else []) + args.set
     index = runs_dir / "index.json"
     done: dict[str, dict] = json.loads(index.read_text()) if index.exists() else {}
-    if args.resume_from:
+    earlier_timing = {}
+    if args.resume_from:  # e.g. re-analyse a committed study: its runs, metrics from <stem>_runs/
         earlier = Path(args.resume_from)
-        for r in json.loads(earlier.read_text())["runs"]:
+        earlier_summary = json.loads(earlier.read_text())
+        earlier_timing = earlier_summary.get("timing") or {}
+        for r in earlier_summary["runs"]:
             done.setdefault(r["name"], {**r, "run_dir": str(earlier.with_name(f"{earlier.stem}_runs") / f"{r['name']}.jsonl")})
     done = {n: r for n, r in done.items() if r.get("status") != NOT_STARTED or args.report_only}
     t_start = time.time()
     cfg, data = base_config_and_data(plan["config"], extra)
-    timings = json.loads((runs_dir / "timing.json").read_text()) if (runs_dir / "timing.json").exists() else {}
+    timings = (json.loads((runs_dir / "timing.json").read_text()) if (runs_dir / "timing.json").exists()
+               else earlier_timing)
     if not args.report_only:
         runs_dir.mkdir(parents=True, exist_ok=True)
         deadline = t_start + args.time_budget if args.time_budget else math.inf

@@ -31,11 +31,11 @@ case $mode in
   23m) plan=kjv23m; tag=fair_$dev; budget=${BUDGET:-445}; limit=540; workers=${WORKERS:-8}; centres="" ;;
   69m) plan=mix69m; tag=fair69m_$dev; budget=${BUDGET:-410}; limit=540; workers=${WORKERS:-3}
        centres="--centres-from benchmarks/results/convergence_fair_$dev.json" ;;
-  report)
-    python3 benchmarks/convergence.py --report-only --plan kjv23m --tag "fair_$dev" \
-      --runs-dir "benchmarks/results/convergence_fair_${dev}_runs"
-    python3 benchmarks/convergence.py --report-only --plan mix69m --tag "fair69m_$dev" \
-      --runs-dir "benchmarks/results/convergence_fair69m_${dev}_runs"
+  report)  # re-analyse the committed results (JSON + <stem>_runs/) in place
+    for pt in kjv23m:fair_$dev mix69m:fair69m_$dev; do
+      python3 benchmarks/convergence.py --report-only --plan "${pt%%:*}" --tag "${pt##*:}" --runs-dir /nonexistent \
+        --resume-from "benchmarks/results/convergence_${pt##*:}.json"
+    done
     exit 0 ;;
   *) echo "usage: $0 prepare|23m|69m|report" >&2; exit 2 ;;
 esac

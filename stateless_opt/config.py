@@ -54,10 +54,12 @@ class MatrixRuleConfig(AdamWFallbackConfig):
     lr: float = Field(1e-3, ge=0.0, description="learning rate of the matrix rule")
     weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (W <- (1 - lr*wd) W)")
     eps: float = Field(1e-8, gt=0.0, description="guards divisions by row/column norms or std")
-    fallback: Literal["adamw", "stateless"] = Field(
+    fallback: Literal["adamw", "stateless", "rowclip"] = Field(
         "adamw",
-        description="rule for embeddings, LM head and 0-/1-D tensors: AdamW (the papers' setup) or a "
-        "stateless row-wise RMS-normalised SGD (zero optimizer state end to end)",
+        description="rule for embeddings, LM head and 0-/1-D tensors: AdamW (the papers' setup), a "
+        "stateless row-wise RMS-normalised SGD, or 'rowclip': the same with each row's norm floored at the "
+        "tensor's RMS row norm (rows above it to RMS 1, the others kept relative to it); the last two keep "
+        "zero optimizer state end to end",
     )
     fallback_lr_ratio: float = Field(
         20.0,

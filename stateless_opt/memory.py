@@ -54,8 +54,9 @@ data-parallel size), ``S`` = optimizer-state bytes per parameter, below):
 
     S: AdamW 2D (D = bytes of the tensor stepped: the fp32 master under ZeRO, else P) + 4 bytes per
        stepped tensor; SGD 0; SGD with momentum D; SGD-SaI D + 4 bytes per weight (its g-SNR scale,
-       kept on the host); SWAN / SinkGD 0 on matrix-rule weights, 8 (fp32 moments) + 4 bytes per
-       tensor on fallback weights with fallback="adamw", 0 with fallback="stateless".
+       kept on the host), except on its fallback groups with the opt-in fallback="adamw": 8 + 4 bytes
+       per tensor; SWAN / SinkGD 0 on matrix-rule weights, 8 (fp32 moments) + 4 bytes per tensor on
+       fallback weights with fallback="adamw", 0 with fallback="stateless" or "rowclip".
 
 ZeRO-1/2/3 keep a separate fp32 master even for fp32 parameters: stage 1/2 clone the partition, and
 stage 3's intended sharing for fp32 parameters never triggers in DeepSpeed 0.19.8 (it compares a
@@ -99,9 +100,10 @@ FORMULA_MARKDOWN = """\
 Bytes per parameter on each rank. P: bytes of a stored parameter (4 fp32, 2 bf16). N: ranks the
 backend shards over (the FSDP2 shard-mesh size, the ZeRO data-parallel size). S, optimizer state per
 parameter: AdamW 2D (D: bytes of the tensor it steps, the fp32 master under ZeRO, else P) + a 4-byte
-step per tensor; SGD 0; SGD with momentum D; **SGD-SaI D** + a 4-byte scale per weight; **SWAN and
-SinkGD 0** on matrix-rule weights, 8 (fp32 moments) on fallback weights with `fallback="adamw"`,
-**0 end to end with `fallback="stateless"`**. ZeRO partitions are padded by a few elements per group.
+step per tensor; SGD 0; SGD with momentum D; **SGD-SaI D** + a 4-byte scale per weight (8 on its
+fallback groups with the opt-in `fallback="adamw"`); **SWAN and SinkGD 0** on matrix-rule weights, 8
+(fp32 moments) on fallback weights with `fallback="adamw"`, **0 end to end with `fallback="stateless"`
+or `"rowclip"`**. ZeRO partitions are padded by a few elements per group.
 Activations, communication buckets and step temporaries come on top ("rest").
 """
 
@@ -152,18 +154,19 @@ def state_model(optimizer: Any) -> Callable[[dict, int], StateSize] | None:
 
 
 def state_bytes_per_param(optimizer: str, *, dtype_bytes: int = 4, fallback_fraction: float = 0.0,
-                          fallback: str = "adamw") -> float:
+                          fallback: str | None = None) -> float:
     """``S`` of the formula (excluding the per-tensor scalars) for ``optimizer``: one of ``BASELINES``
     ("adamw", "adam", "sgd", "sgd_momentum") or a registered name ("swan", "sinkgd", "sgdsai", ...);
-    ``fallback_fraction`` is the share of parameters a matrix-rule optimizer sends to its fallback."""
+    ``fallback_fraction`` is the share of parameters in fallback groups (``param_groups``' split) and
+    ``fallback`` their rule (None: the optimizer's default)."""
     name = optimizer.lower()
     if name in BASELINES:
         return BASELINES[name]({}, dtype_bytes).per_element
     spec = registry.find(name)
     if spec is None:
         raise ValueError(f"no state formula for optimizer {optimizer!r}")
-    if not spec.splits_rules:
-        return spec.state_size({}, dtype_bytes).per_element
+    if fallback is None:
+        fallback = getattr(spec.config.model_fields.get("fallback"), "default", None)
     matrix = spec.state_size({"rule": "matrix"}, dtype_bytes).per_element
     fb = spec.state_size({"rule": "fallback", "fallback": fallback}, dtype_bytes).per_element
     return (1.0 - fallback_fraction) * matrix + fallback_fraction * fb

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .collectives import Collectives, group_ref
 from .config import validate, validate_group
-from .fallback import adamw_fallback, adamw_state, stateless_fallback
+from .fallback import ROW_FLOORS, adamw_fallback, adamw_state, stateless_fallback
 from .layouts import Layout, MatrixFragment, WeightShard, batch_runs, default_layouts, split_matrices, true_shape
 from .precision import stochastic_round_
 
@@ -387,7 +387,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
 class MatrixRuleOptimizer(StatelessOptimizer):
     """What SWAN and SinkGD share: matrix-rule groups go to the subclass's ``_matrix_update`` on matrix
     fragments (one call per run of fragments that share their collectives); fallback groups
-    (embeddings, LM head, 0-/1-D) take AdamW or the stateless row-wise rule at ``lr *
+    (embeddings, LM head, 0-/1-D) take AdamW or a stateless row-wise rule at ``lr *
     fallback_lr_ratio`` (applied here, so a scheduler writing one LR into every group keeps the ratio)."""
 
     uses_rules = True
@@ -411,7 +411,7 @@ class MatrixRuleOptimizer(StatelessOptimizer):
             if group["fallback"] == "adamw":
                 adamw_fallback(self, group, [u for u, _ in units], lr)
             else:
-                stateless_fallback(self, group, shards, lr)
+                stateless_fallback(self, group, shards, lr, ROW_FLOORS[group["fallback"]])
             return
         frags = [f for s in shards for f in split_matrices(s, group.get("batch_dims", 0))]
         for run in batch_runs(frags):
