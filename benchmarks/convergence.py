@@ -62,7 +62,6 @@ MAX_EXTENSIONS = 4  # points a sweep may add beyond its initial shape to get its
 TIMING = {"steps": 30, "skip": 10}  # exclusive timing run: median step time over steps skip+1..steps
 DIAG_EVERY = 22
 NOT_STARTED = "not started (time budget)"
-LABELS = {"adamw": "AdamW", "swan": "SWAN", "sinkgd": "SinkGD", "sgdsai": "SGD-SaI"}
 
 
 @dataclass(frozen=True)
@@ -253,12 +252,12 @@ def sweep_centre(s: Sweep, results: dict[str, dict], sweeps: dict[str, Sweep], c
     lr, ratio = centres.get(s.name, (s.lr, s.ratio))
     if s.after:
         state = sweep_state(sweeps[s.after], results, sweeps, centres)
-        if state["stage"] not in ("seeds", "done"):
+        if state["stage"] not in ("seeds", "done") or state["best"] is None:
             return None
         lr, ratio = state["best"][0], state["best"][1] if state["best"][1] is not None else ratio
     if s.after_fallback_lr:
         state = sweep_state(sweeps[s.after_fallback_lr], results, sweeps, centres)
-        if state["stage"] not in ("seeds", "done"):
+        if state["stage"] not in ("seeds", "done") or state["best"] is None:
             return None
         blr, bratio = state["best"]
         ratio = blr * (bratio or 1.0) / lr
@@ -290,6 +289,8 @@ def sweep_state(s: Sweep, results: dict[str, dict], sweeps: dict[str, Sweep], ce
         return state
     points = seed0_points(s, results)
     best = best_point(points)
+    if best is None:  # nothing of the grid ran (time budget): nothing to decide
+        return {"stage": "done", "best": None, "want": []}
     extensions = [p for p in points if not any(_same(p[0], x) and _same(p[1], r) for x, r in grid_points)]
     miss = missing_neighbours(s, points, best)
     if miss and len(extensions) < MAX_EXTENSIONS:
@@ -525,7 +526,8 @@ def run_study(plan: dict, sweeps: list[Sweep], centres: dict, runs_dir: Path, ex
         index.write_text(json.dumps(done, indent=1))
     finally:
         runner.close()
-    (runs_dir / "timing.json").write_text(json.dumps(timings, indent=1))
+    if timings:
+        (runs_dir / "timing.json").write_text(json.dumps(timings, indent=1))
     return timings
 
 
@@ -702,12 +704,19 @@ def _f(v, fmt=".4f", none="-"):
     return none if v is None else format(v, fmt)
 
 
+def _seed0(info: dict) -> float | None:
+    """Seed 0's final loss at the best point (what the budget rows compare)."""
+    p = next((p for p in (info.get("grid") or {}).values()
+              if _same(p["lr"], info.get("best_lr")) and _same(p["ratio"], info.get("best_ratio"))), None)
+    return p["final_val_loss"] if p else None
+
+
 def markdown(summary: dict) -> str:
     meta = summary.get("setup", {})
     sw = summary["sweeps"]
     target = summary.get("target_val_loss")
     lines = [f"Convergence ({meta.get('plan', '?')}) on {meta.get('device', '?')}: {meta.get('model', '')}; "
-             f"{meta.get('tokens', '')}", "", f"Tuning: {meta.get('why', '')}.", ""]
+             f"{meta.get('tokens', '')}", "", f"Tuning: {meta.get('why', '')}; centres: {meta.get('centres', '-')}.", ""]
     if target is not None:
         lines.append(f"Target: the per-group AdamW's final validation loss {target:.4f} (mean over its seeds). "
                      "Time = tokens to it / tokens per step x the median step time measured alone on the device "
@@ -750,6 +759,14 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {i['label']} | {lr} | {ins} | {loss} | {vs} | {tok('target')} | {tt} | {tok('one_lr')} | "
                          f"{_f(t.get('step_ms'), '.1f')} | {_f(i.get('optimizer_state_mib'), '.1f')} | "
                          f"{_f(i.get('peak_gpu_gib'), '.2f')} |")
+        if key == "budget":  # the question these rows answer: does the gap shrink with the budget?
+            for a, b in (("sgdsai_adamw", "adamw_pg"),):
+                pair = [(sw.get(a + sfx) or {}, sw.get(b + sfx) or {}) for sfx in ("", "_2x")]
+                g = [_seed0(x) / _seed0(y) - 1 if _seed0(x) and _seed0(y) else None for x, y in pair]
+                if all(v is not None for v in g):
+                    lines.append(f"Gap of {sw[a]['label']} to {sw[b]['label']} (seed 0 at the 1x best points): "
+                                 f"{100 * g[0]:+.2f}% at 1x, {100 * g[1]:+.2f}% at 2x the steps.")
+                    lines.append("")
         lines.append("")
     lines += ["**Sweeps** (seed-0 final validation loss at each point; * = best)", ""]
     for n, i in sw.items():
@@ -802,6 +819,9 @@ COLORS = {"adamw_pg": "k", "adamw": "0.55", "swan": "tab:blue", "sinkgd": "tab:g
           "swan_rowclip": "tab:purple"}
 
 
+SHORT = {"adamw_pg": "AdamW per-group", "swan": "SWAN", "sinkgd": "SinkGD", "adamw": "AdamW one LR"}
+
+
 def plot(summary: dict, path: Path) -> str | None:
     try:
         import matplotlib
@@ -845,7 +865,7 @@ def plot(summary: dict, path: Path) -> str | None:
             pts.sort()
             ax2.plot([p[0] for p in pts], [p[1] if p[1] is not None else math.nan for p in pts], "o-",
                      color=COLORS[n], alpha=0.35 + 0.65 * _same(r, i["best_ratio"]),
-                     label=f"{i['label'].split(' (')[0].split(',')[0]} r={r:.3g}" if r else LABELS.get(i["optimizer"]))
+                     label=f"{SHORT[n]} r={r:.3g}" if r else SHORT[n])
     ax2.set_xscale("log")
     ax2.set_xlabel("matrix LR")
     ax2.set_ylabel("final validation loss (seed 0)")
