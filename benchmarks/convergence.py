@@ -93,10 +93,6 @@ class Sweep:
         return f"--optimizer.{self.optimizer}"
 
 
-def _S(*a, **k) -> Sweep:
-    return Sweep(*a, **k)
-
-
 STATELESS = ("--optimizer.{o}.fallback=stateless",)
 LONG_23M = ("--training.steps=484", "--training.warmup_steps=48", "--training.eval_every=12")
 
@@ -104,30 +100,30 @@ LONG_23M = ("--training.steps=484", "--training.warmup_steps=48", "--training.ev
 # 20) and issue 19's 16.9M study (per-group AdamW: matrix 1e-3, embeddings/head/norms 3e-2). The mix69m
 # plan re-centres on the 23M results (--centres-from).
 SWEEPS_23M = [
-    _S("adamw_pg", "adamw", "AdamW, per-group LRs (fair baseline)", 1e-3, 10 * Q, timed=True,
+    Sweep("adamw_pg", "adamw", "AdamW, per-group LRs (fair baseline)", 1e-3, 10 * Q, timed=True,
        note="target: the same param_groups split and the same 3x3 grid budget as SWAN/SinkGD"),
-    _S("swan", "swan", "SWAN (AdamW fallback)", 1e-3, 20.0, timed=True),
-    _S("sinkgd", "sinkgd", "SinkGD (AdamW fallback)", 1e-3 / Q, 20.0, timed=True),
-    _S("adamw", "adamw", "AdamW, one LR", 1e-3, axes=("lr",), priority=1, timed=True,
+    Sweep("swan", "swan", "SWAN (AdamW fallback)", 1e-3, 20.0, timed=True),
+    Sweep("sinkgd", "sinkgd", "SinkGD (AdamW fallback)", 1e-3 / Q, 20.0, timed=True),
+    Sweep("adamw", "adamw", "AdamW, one LR", 1e-3, axes=("lr",), priority=1, timed=True,
        note="every tensor at one LR (the baseline of the README's earlier claim)"),
-    _S("swan_stateless", "swan", "SWAN, stateless fallback", 1e-3, 10.0, shape="plus", priority=2,
+    Sweep("swan_stateless", "swan", "SWAN, stateless fallback", 1e-3, 10.0, shape="plus", priority=2,
        overrides=STATELESS, section="memory", timed=True),
-    _S("sinkgd_stateless", "sinkgd", "SinkGD, stateless fallback", 1e-3 / Q, 10.0, shape="plus", priority=2,
+    Sweep("sinkgd_stateless", "sinkgd", "SinkGD, stateless fallback", 1e-3 / Q, 10.0, shape="plus", priority=2,
        overrides=STATELESS, section="memory", timed=True),
-    _S("sgdsai", "sgdsai", "SGD-SaI (the paper: one LR, every tensor)", 3e-4 * Q, axes=("lr",), priority=3,
+    Sweep("sgdsai", "sgdsai", "SGD-SaI (the paper: one LR, every tensor)", 3e-4 * Q, axes=("lr",), priority=3,
        section="sgdsai", timed=True),
-    _S("sgdsai_adamw", "sgdsai", "SGD-SaI + AdamW fallback (not the paper)", 3e-4 * Q, 10 * Q, shape="plus",
+    Sweep("sgdsai_adamw", "sgdsai", "SGD-SaI + AdamW fallback (not the paper)", 3e-4 * Q, 10 * Q, shape="plus",
        priority=3, seed_priority=5, overrides=("--optimizer.sgdsai.fallback=adamw",), section="sgdsai",
-       after_fallback_lr="adamw_pg", timed=True,
+       after_fallback_lr="adamw_pg",
        note="embeddings/LM head/norms on AdamW at the fair AdamW's best fallback LR (centre)"),
-    _S("sgdsai_ratio", "sgdsai", "SGD-SaI, fallback group at its own LR (SGD-SaI rule)", 0.0, 10.0,
+    Sweep("sgdsai_ratio", "sgdsai", "SGD-SaI, fallback group at its own LR (SGD-SaI rule)", 0.0, 10.0,
        axes=("ratio",), seeds=1, priority=5, section="sgdsai", after="sgdsai",
        note="isolates step size from adaptivity: the same SGD-SaI rule on embeddings/head/norms, larger LR"),
-    _S("swan_rowclip", "swan", "SWAN, stateless fallback 'rowclip' (new)", 1e-3, 10.0, shape="plus", priority=4,
+    Sweep("swan_rowclip", "swan", "SWAN, stateless fallback 'rowclip' (new)", 1e-3, 10.0, shape="plus", priority=4,
        seed_priority=6, overrides=("--optimizer.swan.fallback=rowclip",), section="candidates"),
-    _S("adamw_pg_2x", "adamw", "AdamW per-group, 2x steps", 0.0, None, shape="point", seeds=1, priority=6,
+    Sweep("adamw_pg_2x", "adamw", "AdamW per-group, 2x steps", 0.0, None, shape="point", seeds=1, priority=6,
        overrides=LONG_23M, section="budget", after="adamw_pg"),
-    _S("sgdsai_adamw_2x", "sgdsai", "SGD-SaI + AdamW fallback, 2x steps", 0.0, None, shape="point", seeds=1,
+    Sweep("sgdsai_adamw_2x", "sgdsai", "SGD-SaI + AdamW fallback, 2x steps", 0.0, None, shape="point", seeds=1,
        priority=6, overrides=("--optimizer.sgdsai.fallback=adamw", *LONG_23M), section="budget",
        after="sgdsai_adamw"),
 ]
@@ -135,11 +131,11 @@ SWEEPS_23M = [
 # The larger scale: one LR axis (3 points) per sweep at the 23M study's best ratio, centred on its best
 # LR (see PLANS["mix69m"]["why"]).
 SWEEPS_69M = [
-    replace(s, axes=("lr",), shape="grid", after=None, after_fallback_lr=None, seeds=s.seeds, priority=p,
-            seed_priority=sp)
-    for s, p, sp in [
-        (SWEEPS_23M[0], 0, 1), (SWEEPS_23M[1], 0, 1), (SWEEPS_23M[2], 0, 1), (SWEEPS_23M[3], 2, 3),
-        (SWEEPS_23M[4], 2, 3), (SWEEPS_23M[5], 4, 5), (SWEEPS_23M[6], 4, 6), (SWEEPS_23M[7], 4, 6),
+    replace(s, axes=("lr",), shape="grid", after=None, after_fallback_lr=None, priority=p, seed_priority=sp,
+            timed=s.name in ("adamw_pg", "swan", "sinkgd", "swan_stateless"))
+    for s, p, sp in [  # (sweep, grid priority, seeds priority): the headline trio first, then the memory row
+        (SWEEPS_23M[0], 0, 1), (SWEEPS_23M[1], 0, 1), (SWEEPS_23M[2], 0, 1), (SWEEPS_23M[4], 1, 2),
+        (SWEEPS_23M[3], 2, 3), (SWEEPS_23M[5], 4, 5), (SWEEPS_23M[6], 4, 6), (SWEEPS_23M[7], 4, 6),
         (SWEEPS_23M[9], 5, 6),
     ]
 ]
@@ -156,7 +152,8 @@ PLANS = {
         "sweeps": SWEEPS_69M,
         "why": "69M LLaMA on KJV + Shakespeare: each sweep's LR on 3 points (extended at an edge) around "
         "its 23M best, the ratio fixed at its 23M best (muP-style width scaling, 512 -> 768, would move "
-        "the LR and the ratio by 1.5x, under half a lattice step); 3 seeds at each best",
+        "the LR and the ratio by 1.5x, under half a lattice step); 3 seeds at each best; the headline trio "
+        "first, then SWAN's stateless fallback, the one-LR AdamW and the rest as the time budget allows",
     },
 }
 QUICK = [  # CPU smoke run: a 1-block model, a few steps (checks the pipeline, not the optimizers)
@@ -585,6 +582,9 @@ def _stats(xs: list[float]) -> dict:
 
 
 def diag_file(run_dir) -> Path | None:
+    """A run's diag.jsonl, or the ``<name>.diag.jsonl`` a results folder keeps."""
+    if not run_dir:
+        return None
     p = Path(run_dir)
     cand = p.with_name(p.name.replace(".jsonl", ".diag.jsonl")) if p.suffix == ".jsonl" else p / "diag.jsonl"
     return cand if cand.exists() else None

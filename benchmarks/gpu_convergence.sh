@@ -9,13 +9,18 @@
 #                                                # results (benchmarks/results/convergence_fair_h100.json)
 #   bash benchmarks/gpu_convergence.sh report    # CPU: re-analyse the committed runs of both calls
 #
+# CPU check of the same commands at a tiny scale (what was run before handing this to a GPU):
+#   EXTRA="$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import convergence as c; \
+#     print(" ".join("--set=" + q for q in c.QUICK))')" WORKERS=2 BUDGET=60 bash benchmarks/gpu_convergence.sh 23m
+#
 # Each call: no new run starts after its --time-budget; runs in flight finish; a python that overruns is
 # stopped by `timeout` and the report is rebuilt from what finished (--report-only), then tarred.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
 out=${OUT:-gpu_convergence_out}
-dev=${DEV_TAG:-h100}
+dev=${DEV_TAG:-$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').split()[0].lower()
+                              if torch.cuda.is_available() else 'h100')" 2>/dev/null || echo h100)}
 case $mode in
   prepare)
     for spec in kjv:4096 kjv_shakespeare:8192; do
@@ -28,9 +33,15 @@ case $mode in
     fi
     echo "carry: .whl .data_cache"
     exit 0 ;;
-  23m) plan=kjv23m; tag=fair_$dev; budget=${BUDGET:-445}; limit=540; workers=${WORKERS:-8}; centres="" ;;
-  69m) plan=mix69m; tag=fair69m_$dev; budget=${BUDGET:-410}; limit=540; workers=${WORKERS:-3}
-       centres="--centres-from benchmarks/results/convergence_fair_$dev.json" ;;
+  23m) plan=kjv23m; tag=fair_$dev; budget=${BUDGET:-445}; limit=525; workers=${WORKERS:-8}; centres="" ;;
+  69m) plan=mix69m; tag=fair69m_$dev; budget=${BUDGET:-410}; limit=525; workers=${WORKERS:-3}
+       # call 1's results: committed, or still in /tmp on a machine kept warm since call 1
+       centres_file=${CENTRES:-}
+       for f in benchmarks/results/convergence_fair_$dev.json /tmp/conv_results_kjv23m/convergence_fair_$dev.json \
+                benchmarks/results/convergence_fair_h100.json benchmarks/results/convergence_fair_h200.json; do
+         [ -z "$centres_file" ] && [ -f "$f" ] && centres_file=$f
+       done
+       centres="--centres-from ${centres_file:-none}" ;;
   report)  # re-analyse the committed results (JSON + <stem>_runs/) in place
     for pt in kjv23m:fair_$dev mix69m:fair69m_$dev; do
       python3 benchmarks/convergence.py --report-only --plan "${pt%%:*}" --tag "${pt##*:}" --runs-dir /nonexistent \
@@ -46,7 +57,7 @@ if ! python3 -c "import pydantic" 2>/dev/null; then  # the GPU machine lacks pyd
 fi
 runs=/tmp/conv_runs_$plan res=/tmp/conv_results_$plan
 mkdir -p "$out" "$res"
-common=(--plan "$plan" --tag "$tag" --runs-dir "$runs" --out-dir "$res")
+common=(--plan "$plan" --tag "$tag" --runs-dir "$runs" --out-dir "$res" ${EXTRA:-})  # EXTRA: e.g. a CPU check's tiny model
 {
   echo "=== $plan on $(python3 -c 'import torch; print(torch.cuda.get_device_name())') ($(date +%T))"
   timeout "$limit" python3 benchmarks/convergence.py "${common[@]}" $centres --workers "$workers" --threads 1 \
