@@ -119,7 +119,7 @@ SWEEPS_23M = [
     Sweep("sgdsai_ratio", "sgdsai", "SGD-SaI, fallback group at its own LR (SGD-SaI rule)", 0.0, 10.0,
        axes=("ratio",), seeds=1, priority=5, section="sgdsai", after="sgdsai",
        note="isolates step size from adaptivity: the same SGD-SaI rule on embeddings/head/norms, larger LR"),
-    Sweep("swan_rowclip", "swan", "SWAN, stateless fallback 'rowclip' (new)", 1e-3, 10.0, shape="plus", priority=4,
+    Sweep("swan_rowclip", "swan", "SWAN, stateless fallback 'rowclip' (new)", 1e-3, 10 * Q, shape="plus", priority=4,
        seed_priority=6, overrides=("--optimizer.swan.fallback=rowclip",), section="candidates"),
     Sweep("adamw_pg_2x", "adamw", "AdamW per-group, 2x steps", 0.0, None, shape="point", seeds=1, priority=6,
        overrides=LONG_23M, section="budget", after="adamw_pg"),
@@ -369,19 +369,20 @@ def _diag_post(opt, args, kwargs) -> None:
     if d["path"] is None or d["snap"] is None:
         return
     rec = {"step": d["count"], "tensors": {}}
+    g4 = lambda v: float(f"{v:.4g}")  # noqa: E731 - 4 significant digits keep the files small
     with torch.no_grad():
         for name, (p, before, rule, grad_rms, live, n) in d["snap"].items():
             delta = p.detach().float() - before
-            t = {"rule": rule, "numel": n, "update_rms": delta.square().mean().sqrt().item(),
-                 "weight_rms": before.square().mean().sqrt().item(), "grad_rms": grad_rms,
-                 "gsnr_live_over_sqrt_n": live / math.sqrt(max(n - 1, 1))}
+            t = {"rule": rule, "numel": n, "update_rms": g4(delta.square().mean().sqrt().item()),
+                 "weight_rms": g4(before.square().mean().sqrt().item()), "grad_rms": g4(grad_rms),
+                 "gsnr_live_over_sqrt_n": g4(live / math.sqrt(max(n - 1, 1)))}
             frozen = opt.state.get(p, {}).get("gsnr") if hasattr(opt, "state") else None
             if frozen is not None and torch.is_tensor(frozen) and frozen.numel():
-                t["gsnr_frozen_over_sqrt_n"] = float(frozen.reshape(-1)[0]) / math.sqrt(max(n - 1, 1))
+                t["gsnr_frozen_over_sqrt_n"] = g4(float(frozen.reshape(-1)[0]) / math.sqrt(max(n - 1, 1)))
             if rule == "fallback" and delta.dim() == 2 and delta.shape[0] > 1:
                 rows = delta.square().mean(1).sqrt()
                 qs = torch.quantile(rows, torch.tensor([0.1, 0.5, 0.9], device=rows.device)).tolist()
-                t["row_update_rms_p10_p50_p90_max"] = [*qs, rows.max().item()]
+                t["row_update_rms_p10_p50_p90_max"] = [g4(v) for v in (*qs, rows.max().item())]
             rec["tensors"][name] = t
     d["snap"] = None
     with open(d["path"], "a") as f:
@@ -1033,13 +1034,14 @@ def main(argv: list[str] | None = None) -> dict:
     png = plot(summary, stem.with_suffix(".png"))
     keep = out / f"convergence_{tag}_runs"
     keep.mkdir(exist_ok=True)
-    for n, r in results.items():  # every run's metrics (and diagnostics) next to the table
+    reported = {i["runs_at_best"][0] for i in summary["sweeps"].values() if i.get("runs_at_best")}
+    for n, r in results.items():  # every run's metrics next to the table; the diagnostics the report reads
         src = metrics_file(r.get("run_dir", ""))
         dst = keep / f"{n}.jsonl"
         if src.exists() and src.resolve() != dst.resolve():
             shutil.copy(src, dst)
         d = diag_file(r.get("run_dir", ""))
-        if d is not None and d.resolve() != (keep / f"{n}.diag.jsonl").resolve():
+        if n in reported and d is not None and d.resolve() != (keep / f"{n}.diag.jsonl").resolve():
             shutil.copy(d, keep / f"{n}.diag.jsonl")
     for name, t in timings.items():
         src = metrics_file(runs_dir / f"timing_{name}")

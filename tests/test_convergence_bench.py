@@ -178,7 +178,9 @@ def test_quick_study_end_to_end(tmp_path):
     # g-SNR >= sqrt(n - 1) for any gradient (up to the eps added to std: 1e-8 on stds ~1e-4 here)
     assert diag["classes"]["mlp"]["gsnr_frozen"][0][0] >= 1.0 - 1e-3
     kept = tmp_path / "res" / "convergence_t_runs"
-    assert len(list(kept.glob("*.diag.jsonl"))) == len([r for r in out["runs"] if r["status"] == "ok"])
+    # the diagnostics the report reads (seed 0 at each best point) are kept next to every run's metrics
+    assert {p.name for p in kept.glob("*.diag.jsonl")} == {f"{sw[n]['runs_at_best'][0]}.diag.jsonl" for n in sw}
+    assert len(list(kept.glob("*_s[0-9].jsonl"))) == len([r for r in out["runs"] if r["status"] == "ok"])
     # the committed form (results JSON + <stem>_runs/) re-analyses to the same table
     again = conv.main(["--quick", "--report-only", "--sweeps", "adamw_pg,sgdsai_ratio", "--runs-dir", str(tmp_path / "none"),
                        "--resume-from", str(tmp_path / "res" / "convergence_t.json"), "--out-dir", str(tmp_path / "res2"),
