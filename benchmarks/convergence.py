@@ -47,8 +47,10 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -460,9 +462,14 @@ class Runner:
         self.inflight -= 1
         return res
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Wait for the workers; ``abort``: kill them (a SIGTERM from ``timeout``, Ctrl-C), so no run
+        keeps the GPU after the study has stopped."""
         if self.pool is not None:
-            self.pool.close()
+            if abort:
+                self.pool.terminate()
+            else:
+                self.pool.close()
             self.pool.join()
 
 
@@ -522,8 +529,10 @@ def run_study(plan: dict, sweeps: list[Sweep], centres: dict, runs_dir: Path, ex
             print(f"  {res['name']:<40} {res['status'][:30]:<12} val {res.get('final_val_loss') or float('nan'):.4f} "
                   f"{res.get('wall_s', 0):6.1f}s  [{time.time() - t0:5.0f}s]", flush=True)
         index.write_text(json.dumps(done, indent=1))
-    finally:
-        runner.close()
+    except BaseException:
+        runner.close(abort=True)
+        raise
+    runner.close()
     if timings:
         (runs_dir / "timing.json").write_text(json.dumps(timings, indent=1))
     return timings
@@ -976,6 +985,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-timing", action="store_true", help="no exclusive timing runs")
     ap.add_argument("--set", action="append", default=[], help="extra launch/train.py override, e.g. --set=--data.seq_len=512")
     args = ap.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # `timeout` stops us: clean up the workers
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
 
     plan = PLANS[args.plan]
     sweeps = list(plan["sweeps"])
@@ -994,6 +1005,10 @@ def main(argv: list[str] | None = None) -> dict:
         sweeps = [quick_sweep(s) for s in sweeps]
         TIMING.update(steps=6, skip=2)
     centres, centre_source = centres_from(args.centres_from, sweeps)
+    if args.resume_from and not args.centres_from:  # re-analysing a study: the centres it used
+        used = json.loads(Path(args.resume_from).read_text()).get("centres_used") or {}
+        centres = {k: tuple(v) for k, v in used.items()}
+        centre_source = json.loads(Path(args.resume_from).read_text()).get("setup", {}).get("centres", centre_source)
     runs_dir = Path(args.runs_dir)
     extra = (QUICK if args.quick else []) + args.set
     index = runs_dir / "index.json"
@@ -1022,6 +1037,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["not_run"] = sorted(n for n, r in results.items() if not _attempted(r))
     summary["runs"] = list(results.values())
     summary["timing"] = timings
+    summary["centres_used"] = {k: list(v) for k, v in centres.items()}
     summary["elapsed_s"] = round(time.time() - t_start, 1)
     tag = args.tag or f"{args.plan}_{summary['setup']['device'].replace('NVIDIA ', '').split()[0].lower()}"
     out = Path(args.out_dir)

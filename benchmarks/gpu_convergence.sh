@@ -60,7 +60,7 @@ mkdir -p "$out" "$res"
 common=(--plan "$plan" --tag "$tag" --runs-dir "$runs" --out-dir "$res" ${EXTRA:-})  # EXTRA: e.g. a CPU check's tiny model
 {
   echo "=== $plan on $(python3 -c 'import torch; print(torch.cuda.get_device_name())') ($(date +%T))"
-  timeout "$limit" python3 benchmarks/convergence.py "${common[@]}" $centres --workers "$workers" --threads 1 \
+  timeout -k 15 "$limit" python3 benchmarks/convergence.py "${common[@]}" $centres --workers "$workers" --threads 1 \
     --time-budget "$budget"
   rc=$?
   if [ $rc -ne 0 ]; then
