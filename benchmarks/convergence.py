@@ -118,7 +118,7 @@ SWEEPS_23M = [
        priority=3, seed_priority=5, overrides=("--optimizer.sgdsai.fallback=adamw",), section="sgdsai",
        after_fallback_lr="adamw_pg",
        note="embeddings/LM head/norms on AdamW at the fair AdamW's best fallback LR (centre)"),
-    Sweep("sgdsai_ratio", "sgdsai", "SGD-SaI, fallback group at its own LR (SGD-SaI rule)", 0.0, 10.0,
+    Sweep("sgdsai_ratio", "sgdsai", "SGD-SaI, fallback group at its own LR (SGD-SaI rule)", 0.0, Q,
        axes=("ratio",), seeds=1, priority=5, section="sgdsai", after="sgdsai",
        note="isolates step size from adaptivity: the same SGD-SaI rule on embeddings/head/norms, larger LR"),
     Sweep("swan_rowclip", "swan", "SWAN, stateless fallback 'rowclip' (new)", 1e-3, 10 * Q, shape="plus", priority=4,
