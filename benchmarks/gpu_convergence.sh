@@ -59,7 +59,7 @@ runs=/tmp/conv_runs_$plan res=/tmp/conv_results_$plan
 mkdir -p "$out" "$res"
 common=(--plan "$plan" --tag "$tag" --runs-dir "$runs" --out-dir "$res" ${EXTRA:-})  # EXTRA: e.g. a CPU check's tiny model
 {
-  echo "=== $plan on $(python3 -c 'import torch; print(torch.cuda.get_device_name())') ($(date +%T))"
+  echo "=== $plan on $(python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")') ($(date +%T))"
   timeout -k 15 "$limit" python3 benchmarks/convergence.py "${common[@]}" $centres --workers "$workers" --threads 1 \
     --time-budget "$budget"
   rc=$?
