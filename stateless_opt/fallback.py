@@ -68,11 +68,14 @@ def stateless_fallback(opt, group: dict, shards, lr: float, row_floor: float | N
     decay = 1.0 - lr * group["weight_decay"]
     for run in batch_runs(frags):
         row_comms, col_comms = opt._row_col_comms(run)
-        budget = int(group["chunk_mb"] * 2**20) * opt._comm(run[0].weight).world
+        holders = opt._comm(run[0].weight)
+        budget = int(group["chunk_mb"] * 2**20) * holders.world
+        # a floor at the tensor's own scale needs each whole tensor's norm (ROW_FLOORS' "rowclip")
+        fro_comms = [holders] if row_floor is not None and holders.world > 1 and not run[0].weight.replicated else []
         for idx in chunks(run, lambda f: f.whole_bytes, budget):
             normalize_rows_cols(
                 [run[i] for i in idx], row_comms=row_comms, col_comms=col_comms, iterations=1,
                 eps=group["eps"] if row_floor is None else row_floor,
                 columns=False, apply=lambda fs, x: opt._apply([f.param for f in fs], list(x), lr, group["weight_decay"], group),
-                device=run[0].grad.device, fused_update=(lr, decay), cache=opt.geometry_cache,
+                device=run[0].grad.device, fused_update=(lr, decay), cache=opt.geometry_cache, fro_comms=fro_comms,
             )

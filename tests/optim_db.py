@@ -75,6 +75,7 @@ OPTIM_DB: list[OptimizerInfo] = [
                   backends=frozenset({"fsdp2"})),
     OptimizerInfo("sinkgd_stateless", "sinkgd", {"fallback": "stateless"}, sinkgd.sinkgd_update, R.sinkgd_update,
                   backends=frozenset({"zero"})),
+    OptimizerInfo("sinkgd_rowclip", "sinkgd", {"fallback": "rowclip"}, sinkgd.sinkgd_update, R.sinkgd_update),
     OptimizerInfo("sgdsai", "sgdsai", backends=ALL),
     OptimizerInfo("sgdsai_unfused", "sgdsai", {"fused": False}),
     OptimizerInfo("sgdsai_max", "sgdsai", {"max_normalized_gsnr": True}),
