@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -15,22 +14,14 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def one_process_env() -> None:
     """The variables torchrun would set for a world of one rank (DeepSpeed reads all five of RANK,
     WORLD_SIZE, MASTER_ADDR, MASTER_PORT and LOCAL_RANK, and without them tries MPI discovery, which
-    needs mpi4py). A free port, so two such runs on one machine do not collide. Values already set are
-    kept."""
+    needs mpi4py). Port 0: the one rank's store binds a port the system picks (nobody else connects), so
+    two such runs on one machine never collide. Values already set are kept."""
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1")):
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "0")):
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
 
 
 def deepspeed_on_cpu() -> None:
