@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from stateless_opt import memory, registry
 from stateless_opt.config import validate
+from stateless_opt.extras import require
 from stateless_opt.grouping import fallback_weights
 from stateless_opt.layouts import FlatRange, WeightShard, true_shape
 from stateless_opt.memory import StateUnit
@@ -647,6 +648,8 @@ def memory_view(model, optimizer) -> ZeroMemory | None:
         return None
     return ZeroMemory(model, optimizer, kind)
 
+
+require("deepspeed", "stateless_opt.integrations.deepspeed")  # before register() imports DeepSpeed
 register()
 memory.register_engine(memory_view)
 
