@@ -1,0 +1,499 @@
+"""Checkpoints across backends, world sizes and ZeRO stages: the portable checkpoint, DCP (FSDP2), and
+DeepSpeed's universal checkpoint through our converter.
+
+One chain per optimizer (SWAN and SinkGD with the AdamW fallback, SGD-SaI), two steps per hop, each hop
+resuming from the checkpoint an earlier one wrote, in a tmp dir the spawns share. Three spawns, one per
+world size (tests/dist_harness.py; every backend of a world size in the same spawn), plus this process:
+
+    2 ranks   ZeRO-2 from scratch: steps 0-1 -> portable P_A, and DeepSpeed's own checkpoint of it
+              FSDP2 <- P_A: steps 2-3 -> P_C, and DCP checkpoints of that state (default StateDictOptions
+              D_C; torchtitan's flattened ones D_Cf) and its full tensors gathered by the test (T_C)
+    here      our ds_to_universal: DeepSpeed's checkpoint -> U_A
+              1 process <- P_C: steps 4-5 -> P_D;   <- D_C, D_Cf, T_C: steps 4-5
+    3 ranks   ZeRO-3 <- P_D: steps 6-7 -> P_B;   ZeRO-3 <- P_A and <- U_A ("load_universal"): steps 2-3
+              FSDP2 <- D_C, D_Cf, T_C, P_C: steps 4-5;   DDP <- P_B: steps 8-9 -> P_E
+    1 rank    ZeRO-1 <- P_E: steps 10-11;   ZeRO-2 <- U_A ("load_universal"): steps 2-3
+
+What is asserted, and why it is the user's guarantee:
+* load then save is the identity across layouts: right after each load the hop saves again ("echo"),
+  and the echo holds exactly (bitwise) the saved weights, state tensors, counters and hyper-parameters;
+* a resumed run continues as the uninterrupted one: every hop's weights after each step match the
+  single-process run of all the steps without any checkpoint (fp32, same global batch each step) to
+  1e-5 (SWAN's unconverged iterative whitening: 1e-4), test_deepspeed.py's tolerances: the fp32
+  reduction order differs between layouts (measured here: <= 3.6e-7 after 12 steps); dropping the
+  fallback's moments or SGD-SaI's momentum or scales moves the weights by ~1e-3 and more;
+* where two checkpoints hold the same state (DCP, the portable checkpoint, the truth injected by hand;
+  universal vs portable), the continuations at one layout are bitwise equal: DCP with default options
+  and with torchtitan's ``flatten_optimizer_state_dict`` resumes exactly as the uninterrupted run from
+  that state would, at 3 ranks and in 1 process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import optim_db
+from dist_harness import Registry
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+KINDS = ("swan", "sinkgd", "sgdsai")  # catalogue rows: SWAN/SinkGD with the AdamW fallback, SGD-SaI
+GLOBAL = 12  # samples per step, split evenly over 1, 2 or 3 ranks
+STEPS_PER_HOP = 2
+TOTAL = 12
+# The parent's tmp dir (created when the first hop runs), handed to the spawns as an argument.
+ROOT = Path(tempfile.gettempdir()) / f"stateless_opt_ckpt_{os.getpid()}"
+
+
+def tol(kind: str) -> float:
+    return 1e-4 if optim_db.info(kind).amplifies_rounding else 1e-5
+
+
+# ============================================================================================ common
+def hyper(kind):
+    import test_deepspeed as D
+
+    return D.hyper(kind)
+
+
+def fresh_model(seed=0):
+    import test_deepspeed as D
+
+    return D._model(seed)
+
+
+def batch(step: int, world: int, rank: int):
+    g = torch.Generator().manual_seed(7919 * step + 11)
+    ids = torch.randint(0, 13, (GLOBAL, 3), generator=g)
+    y = torch.randn(GLOBAL, 5, generator=g)
+    per = GLOBAL // world
+    return ids[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+
+
+def make_opt(kind, groups):
+    return optim_db.info(kind).make(groups, **hyper(kind))
+
+
+def full_weights(model, zero3_engine=None) -> dict[str, torch.Tensor]:
+    """Full fp64 copies by name (gathered: DTensors, ZeRO-3); every rank takes part."""
+    from torch.distributed.tensor import DTensor
+
+    if zero3_engine is not None:
+        import deepspeed
+
+        params = dict(zero3_engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().double().clone() for n, p in params.items()}
+    inner = getattr(model, "module", model)
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().double().clone()
+            for n, p in inner.named_parameters()}
+
+
+class Run:
+    """One model + optimizer at one layout: step(t) trains on this rank's slice of step t's batch."""
+
+    def __init__(self, backend, model, opt, rank, world, engine=None, stage=0):
+        self.backend, self.model, self.opt, self.rank, self.world = backend, model, opt, rank, world
+        self.engine, self.stage = engine, stage
+
+    def step(self, t):
+        ids, y = batch(t, self.world, self.rank)
+        if self.engine is not None:
+            loss = F.mse_loss(self.engine(ids).float(), y)
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            F.mse_loss(self.model(ids).float(), y).backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+    def train(self, start, steps=STEPS_PER_HOP):
+        traj = []
+        for t in range(start, start + steps):
+            self.step(t)
+            traj.append(self.weights())
+        return traj if self.rank == 0 else None
+
+    def weights(self):
+        return full_weights(self.model, self.engine if self.stage == 3 else None)
+
+    @property
+    def target(self):
+        """What save_portable / load_portable take: the engine, or the module."""
+        return self.engine if self.engine is not None else self.model
+
+    def close(self):
+        if self.engine is not None:
+            import test_deepspeed as D
+
+            D._finish(self.engine)
+
+
+def build(ctx, backend: str, kind: str, *, seed=1, universal=False):
+    """A fresh run (other init than the chain's, so a load that does nothing shows)."""
+    model = fresh_model(seed)
+    from stateless_opt import param_groups
+
+    if backend == "single":
+        return Run(backend, model, make_opt(kind, param_groups(model)), 0, 1)
+    if backend == "ddp":
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        return Run(backend, ddp, make_opt(kind, param_groups(ddp)), ctx.rank, ctx.world)
+    if backend == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        return Run(backend, model, make_opt(kind, param_groups(model)), ctx.rank, ctx.world)
+    import test_deepspeed as D
+
+    deepspeed, _ = D._ds(ctx)
+    stage = int(backend[-1])
+    cfg = D._cfg(stage, mb=GLOBAL // ctx.world, gas=1, clip=0.0)
+    if universal:
+        cfg["checkpoint"] = {"load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_opt(kind, param_groups(model)), config=cfg)
+    return Run(backend, engine.module, engine.basic_optimizer, ctx.rank, ctx.world, engine=engine, stage=stage)
+
+
+def where(root, kind, name) -> Path:
+    return Path(root) / kind / name
+
+
+def hop(ctx, root, kind, backend, source, start, save_as=None, after=None):
+    """A fresh run (other init) loads ``source``, saves an echo, trains two steps from global step
+    ``start``, saves ``save_as`` (and calls ``after(run)``)."""
+    from stateless_opt.checkpoint import load_portable, save_portable
+
+    run = build(ctx, backend, kind)
+    before = run.weights()
+    load_portable(run.target, run.opt, where(root, kind, source))
+    save_portable(run.target, run.opt, where(root, kind, f"{source}_echo_{backend}_{ctx.world}"))
+    loaded = run.weights()
+    out = {"load_moved": max(float((before[n] - loaded[n]).abs().max()) for n in before), "traj": run.train(start)}
+    if save_as:
+        save_portable(run.target, run.opt, where(root, kind, save_as))
+    if after is not None:
+        after(run)
+    run.close()
+    return out
+
+
+# ============================================================================================ the hops
+def elastic_refused(ctx, kind):
+    """``elastic_checkpoint`` is refused (every optimizer), naming the portable checkpoint."""
+    import test_deepspeed as D
+
+    deepspeed, _ = D._ds(ctx)
+    from stateless_opt import param_groups
+
+    model = fresh_model(0)
+    cfg = D._cfg(2, mb=GLOBAL // ctx.world, gas=1, clip=0.0, zero={"elastic_checkpoint": True})
+    try:
+        deepspeed.initialize(model=model, optimizer=make_opt(kind, param_groups(model)), config=cfg)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def truth(run) -> dict:
+    """The full weights, state tensors and group counters, gathered by the test (DTensor.full_tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    names = {p: n for n, p in run.model.named_parameters()}
+
+    def f(v):
+        return (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+
+    return {"weights": {n: f(p) for p, n in names.items()},
+            "state": {names[p]: {k: f(v) for k, v in st.items()} for p, st in run.opt.state.items()},
+            "groups": [{"step": g["step"], "skipped_steps": g["skipped_steps"]} for g in run.opt.param_groups]}
+
+
+def dcp_save(run, root, kind):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    for name, flatten in (("D_C", False), ("D_Cf", True)):
+        msd, osd = get_state_dict(run.model, run.opt, options=StateDictOptions(flatten_optimizer_state_dict=flatten))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(where(root, kind, name)))
+
+
+def dcp_load(run, path, flatten: bool):
+    """DCP's documented resume: the live state dict as template, filled in place, then set."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    msd, osd = get_state_dict(run.model, run.opt, options=options)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+    set_state_dict(run.model, run.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=options)
+
+
+def inject(run, t: dict) -> None:
+    """Put the truth into a fresh run by hand (weights, state tensors, counters), with no checkpoint code."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(getattr(run.model, "module", run.model).named_parameters())
+
+    def place(p, v):
+        if isinstance(p, DTensor) and v.shape == p.shape and v.dim():
+            return distribute_tensor(v, p.device_mesh, p.placements)
+        return v.clone()
+
+    with torch.no_grad():
+        for n, p in params.items():
+            dst = p.to_local() if isinstance(p, DTensor) else p
+            dst.copy_(place(p, t["weights"][n]).to_local() if isinstance(p, DTensor) else t["weights"][n])
+    run.opt.state.clear()
+    for n, st in t["state"].items():
+        run.opt.state[params[n]] = {k: place(params[n], v) for k, v in st.items()}
+    for g, saved in zip(run.opt.param_groups, t["groups"]):
+        g.update(saved)
+
+
+def from_dcp_and_truth(ctx, root, kind, backend):
+    """At this layout: continue steps 4-5 from D_C, D_Cf, the truth T_C and the portable P_C."""
+    from stateless_opt.checkpoint import load_portable
+
+    out = {}
+    for name in ("D_C", "D_Cf", "T_C", "P_C"):
+        run = build(ctx, backend, kind)
+        if name == "T_C":
+            inject(run, torch.load(where(root, kind, "T_C.pt"), weights_only=True))
+        elif name == "P_C":
+            load_portable(run.model, run.opt, where(root, kind, name))
+        else:
+            dcp_load(run, where(root, kind, name), flatten=name == "D_Cf")
+        out[name] = run.train(4)
+        run.close()
+    return out
+
+
+def universal_hop(ctx, root, kind, backend):
+    """A DeepSpeed engine with "load_universal": true resumes U_A (the tag from latest_universal)."""
+    from stateless_opt.checkpoint import save_portable
+
+    run = build(ctx, backend, kind, universal=True)
+    run.engine.load_checkpoint(str(where(root, kind, "ds")))
+    save_portable(run.engine, None, where(root, kind, f"U_A_echo_{backend}_{ctx.world}"))
+    steps = run.engine.global_steps  # DeepSpeed's own counter, from the copied model states
+    out = {"traj": run.train(2), "global_steps": steps}
+    run.close()
+    return out
+
+
+def two_ranks(ctx, root, kind):
+    """ZeRO-2 from scratch -> P_A and DeepSpeed's checkpoint; FSDP2 <- P_A -> P_C, DCP, truth."""
+    from stateless_opt.checkpoint import save_portable
+
+    run = build(ctx, "zero2", kind, seed=0)
+    out = {"a": {"traj": run.train(0)}}
+    save_portable(run.engine, None, where(root, kind, "P_A"))
+    run.engine.save_checkpoint(str(where(root, kind, "ds")), tag="A")
+    run.close()
+    out["c"] = hop(ctx, root, kind, "fsdp2", "P_A", 2, save_as="P_C", after=lambda run: _save_c(run, root, kind))
+    return out
+
+
+def _save_c(run, root, kind):
+    dcp_save(run, root, kind)
+    t = truth(run)
+    if run.rank == 0:
+        torch.save(t, where(root, kind, "T_C.pt"))
+
+
+def three_ranks(ctx, root, kind):
+    return {
+        "zero3": hop(ctx, root, kind, "zero3", "P_D", 6, save_as="P_B"),
+        "zero3_from_a": hop(ctx, root, kind, "zero3", "P_A", 2),
+        "universal": universal_hop(ctx, root, kind, "zero3"),
+        "fsdp2": from_dcp_and_truth(ctx, root, kind, "fsdp2"),
+        "ddp": hop(ctx, root, kind, "ddp", "P_B", 8, save_as="P_E"),
+    }
+
+
+def one_rank(ctx, root, kind):
+    return {"zero1": hop(ctx, root, kind, "zero1", "P_E", 10), "universal": universal_hop(ctx, root, kind, "zero2")}
+
+
+SPAWNS = {world: Registry(__name__) for world in (2, 3, 1)}
+for _k in KINDS:
+    SPAWNS[2].add(f"two_{_k}", two_ranks, (2,), root=str(ROOT), kind=_k)
+    SPAWNS[2].add(f"elastic_{_k}", elastic_refused, (2,), kind=_k)
+    SPAWNS[3].add(f"three_{_k}", three_ranks, (3,), root=str(ROOT), kind=_k)
+    SPAWNS[1].add(f"one_{_k}", one_rank, (1,), root=str(ROOT), kind=_k)
+TIMEOUT = float(os.environ.get("DIST_TEST_TIMEOUT", "480"))
+
+
+# ============================================================================================ parent side
+_DONE: dict = {}
+
+
+def reference(kind):
+    """The uninterrupted single-process run of all TOTAL steps: weights after each step."""
+    if kind not in _DONE:
+        from stateless_opt import param_groups
+
+        model = fresh_model(0)
+        opt = make_opt(kind, param_groups(model))
+        run = Run("single", model, opt, 0, 1)
+        _DONE[kind] = run.train(0, TOTAL)
+    return _DONE[kind]
+
+
+def assert_follows(traj, kind, start):
+    ref = reference(kind)
+    assert traj is not None and len(traj) == STEPS_PER_HOP
+    err = max(float((w[n] - ref[start + i][n]).abs().max()) for i, w in enumerate(traj) for n in w)
+    assert err <= tol(kind), (kind, start, err)
+    return err
+
+
+def assert_same_checkpoint(a: Path, b: Path):
+    """Two portable checkpoints hold the same weights, state and hyper-parameters, bitwise."""
+    from stateless_opt.checkpoint import read_portable
+
+    x, y = read_portable(a), read_portable(b)
+    assert x["groups"] == y["groups"]
+    assert x["weights"].keys() == y["weights"].keys() and x["state"].keys() == y["state"].keys()
+    for n in x["weights"]:
+        assert torch.equal(x["weights"][n], y["weights"][n]), n
+        assert x["state"][n].keys() == y["state"][n].keys(), n
+        for k in x["state"][n]:
+            assert torch.equal(x["state"][n][k], y["state"][n][k]) or (
+                x["state"][n][k].isnan().all() and y["state"][n][k].isnan().all()), (n, k)
+    return x
+
+
+def assert_bitwise(a: list, b: list):
+    assert a is not None and b is not None and len(a) == len(b)
+    for x, y in zip(a, b):
+        assert [n for n in x if not torch.equal(x[n], y[n])] == []
+
+
+# A spawn runs its cases for every optimizer at once, so each stage first makes sure the earlier ones
+# ran for every optimizer.
+def stage_two(kind):
+    ROOT.mkdir(exist_ok=True)
+    return SPAWNS[2].result(f"two_{kind}", 2, timeout=TIMEOUT)[0]
+
+
+def stage_here(kind):
+    """In this process: our ds_to_universal (as a user runs it), then 1 process <- P_C, D_C, D_Cf, T_C."""
+    for k in KINDS:
+        stage_two(k)
+    if ("here", kind) not in _DONE:
+        from dist_harness import Ctx
+
+        from stateless_opt.integrations.ds_to_universal import main as ds_to_universal
+
+        ds = where(ROOT, kind, "ds")
+        ds_to_universal(["--input_folder", str(ds / "A"), "--output_folder", str(ds / "U_A")])
+        ctx = Ctx(0, 1, "gloo", "cpu")
+        out = hop(ctx, str(ROOT), kind, "single", "P_C", 4, save_as="P_D")
+        out["dcp"] = from_dcp_and_truth(ctx, str(ROOT), kind, "single")
+        _DONE[("here", kind)] = out
+    return _DONE[("here", kind)]
+
+
+def stage_three(kind):
+    for k in KINDS:
+        stage_here(k)
+    return SPAWNS[3].result(f"three_{kind}", 3, timeout=TIMEOUT)[0]
+
+
+def stage_one(kind):
+    for k in KINDS:
+        stage_three(k)
+    return SPAWNS[1].result(f"one_{kind}", 1, timeout=TIMEOUT)[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup():
+    yield
+    shutil.rmtree(ROOT, ignore_errors=True)
+
+
+# ============================================================================================ tests
+def check_hop(r: dict, kind: str, source: str, echo: str, start: int):
+    assert r["load_moved"] > 1e-3  # the fresh run started elsewhere: the load did something
+    assert_same_checkpoint(where(ROOT, kind, source), where(ROOT, kind, echo))
+    assert_follows(r["traj"], kind, start)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_portable_zero2_2_ranks_to_fsdp2_2_ranks(kind):
+    r = stage_two(kind)
+    assert_follows(r["a"]["traj"], kind, 0)
+    check_hop(r["c"], kind, "P_A", "P_A_echo_fsdp2_2", 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_portable_fsdp2_2_ranks_to_one_process(kind):
+    check_hop(stage_here(kind), kind, "P_C", "P_C_echo_single_1", 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_portable_one_process_to_zero3_3_ranks(kind):
+    check_hop(stage_three(kind)["zero3"], kind, "P_D", "P_D_echo_zero3_3", 6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_portable_zero2_2_ranks_to_zero3_3_ranks(kind):
+    check_hop(stage_three(kind)["zero3_from_a"], kind, "P_A", "P_A_echo_zero3_3", 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_portable_zero3_3_ranks_to_ddp_3_ranks(kind):
+    check_hop(stage_three(kind)["ddp"], kind, "P_B", "P_B_echo_ddp_3", 8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_portable_ddp_3_ranks_to_zero1_1_rank(kind):
+    check_hop(stage_one(kind)["zero1"], kind, "P_E", "P_E_echo_zero1_1", 10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_universal_zero2_2_ranks_to_zero3_3_ranks(kind):
+    """ds_to_universal (ours) + "load_universal": world 2 -> 3 and stage 2 -> 3. The engine holds the
+    state the portable checkpoint of the same moment holds (bitwise), and continues bitwise as the
+    engine that loaded that portable checkpoint (same layout, same state)."""
+    r = stage_three(kind)
+    assert_same_checkpoint(where(ROOT, kind, "P_A"), where(ROOT, kind, "U_A_echo_zero3_3"))
+    assert r["universal"]["global_steps"] == 2
+    assert_bitwise(r["universal"]["traj"], r["zero3_from_a"]["traj"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_universal_zero2_2_ranks_to_zero2_1_rank(kind):
+    r = stage_one(kind)["universal"]
+    assert_same_checkpoint(where(ROOT, kind, "P_A"), where(ROOT, kind, "U_A_echo_zero2_1"))
+    assert r["global_steps"] == 2
+    assert_follows(r["traj"], kind, 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where_", ("one_process", "fsdp2_3_ranks"))
+def test_dcp_from_fsdp2_2_ranks_resumes_exactly_as_uninterrupted(kind, where_):
+    """FSDP2 at 2 ranks saved with DCP (default StateDictOptions, and torchtitan's flattened ones):
+    loading at 3 ranks / in 1 process continues bitwise as the truth injected by hand does, and as
+    the portable checkpoint of the same state."""
+    r = stage_here(kind)["dcp"] if where_ == "one_process" else stage_three(kind)["fsdp2"]
+    for name in ("D_C", "D_Cf", "P_C"):
+        assert_bitwise(r["T_C"], r[name])
+    assert_follows(r["T_C"], kind, 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_elastic_checkpoint_refused_naming_the_portable_checkpoint(kind):
+    stage_two(kind)
+    msg = SPAWNS[2].result(f"elastic_{kind}", 2, timeout=TIMEOUT)[0]
+    assert msg and "elastic_checkpoint" in msg and "save_portable" in msg and "ds_to_universal" in msg, msg
