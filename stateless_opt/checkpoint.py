@@ -203,12 +203,6 @@ class Entry:
     offset: int
     unit: int = 0  # index of the stepped tensor in this rank's description
 
-    @property
-    def numel(self) -> int:
-        if self.rows is None:
-            return 1
-        return (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0])
-
 
 @dataclass
 class Plan:
@@ -279,8 +273,12 @@ def groups_json(opt) -> tuple[list[dict], dict[str, torch.Tensor]]:
             if torch.is_tensor(v):
                 tensors[f"group/{gi}/{k}"] = v.detach().cpu().clone()
                 entry[k] = {"__tensor__": f"group/{gi}/{k}"}
-            else:
-                entry[k] = list(v) if isinstance(v, tuple) else v
+                continue
+            entry[k] = list(v) if isinstance(v, tuple) else v
+            try:
+                json.dumps(entry[k])
+            except (TypeError, ValueError):
+                raise CheckpointError(f"param group {gi}: {k}={v!r} is neither JSON data nor a tensor") from None
         out.append(entry)
     return out, tensors
 
@@ -344,6 +342,9 @@ def merge_index(parts: list[dict], *, optimizer: str, groups: list[dict], saved:
 
 
 def _check_tiling(name: str, t: dict) -> None:
+    """The pieces of tensor ``name`` cover its matrix exactly once: all inside, areas adding up to the
+    whole, no two overlapping (a sweep over rows: each piece is compared with the pieces whose rows it
+    shares, a handful, however many ranks wrote)."""
     pieces = t["pieces"]
     if any("rows" not in p for p in pieces):  # a scalar: exactly one value
         if len(pieces) != 1:
@@ -351,24 +352,28 @@ def _check_tiling(name: str, t: dict) -> None:
         return
     m, n = matrix_view(t["shape"])
     total = 0
-    for i, p in enumerate(pieces):
+    active: list[dict] = []
+    for p in sorted(pieces, key=lambda p: (p["rows"][0], p["cols"][0])):
         (r0, r1), (c0, c1) = p["rows"], p["cols"]
         if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= n):
             raise CheckpointError(f"{name}: piece rows {p['rows']} cols {p['cols']} outside its {m} x {n} matrix")
         total += (r1 - r0) * (c1 - c0)
-        for q in pieces[:i]:
-            if r0 < q["rows"][1] and q["rows"][0] < r1 and c0 < q["cols"][1] and q["cols"][0] < c1:
+        active = [q for q in active if q["rows"][1] > r0]
+        for q in active:
+            if c0 < q["cols"][1] and q["cols"][0] < c1:
                 raise CheckpointError(f"{name}: pieces {p} and {q} overlap (a replica wrote its copy?)")
+        active.append(p)
     if total != m * n:
         raise CheckpointError(f"{name}: the pieces written cover {total} of {m * n} elements")
 
 
-def save_portable(model, optimizer=None, path: str | os.PathLike = "", *, weights: bool = True) -> Path:
+def save_portable(model, optimizer, path: str | os.PathLike, *, weights: bool = True) -> Path:
     """Write the portable checkpoint of ``optimizer`` (and, with ``weights``, of the weights it steps)
-    to the directory ``path``; every rank calls it (a shared filesystem). Returns the path."""
+    to the directory ``path``; every rank calls it (a shared filesystem). ``optimizer`` may be None
+    when ``model`` is a DeepSpeed engine. Returns the path."""
     path = Path(path)
     module, opt = _resolve(model, optimizer)
-    rank, world = _rank_world()
+    rank = _rank_world()[0]
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / INDEX).unlink(missing_ok=True)  # incomplete until the new index is written
@@ -410,8 +415,8 @@ def write_gathered(path: Path, index_name: str, opt, part: dict, groups: list[di
             if group_file:
                 index["group_file"] = group_file
             write_index(path, index, index_name)
-        except CheckpointError as err:
-            error = str(err)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, or they wait forever
+            error = f"{type(err).__name__}: {err}"
     _raise_everywhere(error)
     return index
 
@@ -543,7 +548,7 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 # ====================================================================================== loading
-def load_portable(model, optimizer=None, path: str | os.PathLike = "", *, strict: bool = True,
+def load_portable(model, optimizer, path: str | os.PathLike, *, strict: bool = True,
                   optimizer_state: bool = True) -> dict:
     """Load a portable checkpoint into ``optimizer`` and the weights it steps, whatever the backend,
     world size or stage it was saved from; every rank calls it. Hyper-parameters and counters are
@@ -561,6 +566,11 @@ def load_portable(model, optimizer=None, path: str | os.PathLike = "", *, strict
     if idx["optimizer"] != mine:
         raise CheckpointError(f"{r.path} holds a {idx['optimizer']!r} optimizer; this one is {mine!r}")
     held = _described(module, opt)
+    for h in held:
+        for s, n in zip(h.shards, h.names):
+            if n in idx["weights"] and tuple(idx["weights"][n]["shape"]) != tuple(s.shape):
+                raise CheckpointError(f"{r.path}: {n} has shape {tuple(idx['weights'][n]['shape'])} in the "
+                                      f"checkpoint, {tuple(s.shape)} here")
     names = {n for h in held for n in h.names}
     missing = sorted(names - set(idx["weights"]))
     unexpected = sorted(set(idx["weights"]) - names)

@@ -78,8 +78,8 @@ class StatelessOptimizer(torch.optim.Optimizer):
     # state keys holding one value per weight of the stepped tensor (indexed by ``WeightShard.unit_index``;
     # a ZeRO partition holds many weights): the portable checkpoint stores them per weight
     weight_state: frozenset = frozenset()
-    # state keys holding one value per stepped tensor (AdamW's step counter), whatever its shape
-    tensor_state: frozenset = frozenset()
+    # state keys holding one value per stepped tensor, whatever its shape (the AdamW fallback's counter)
+    tensor_state: frozenset = frozenset({"step"})
 
     def __init__(self, params: Iterable, lr: float, *, replicate_group=None, **hyperparameters):
         name = type(self).__name__
@@ -410,7 +410,6 @@ class MatrixRuleOptimizer(StatelessOptimizer):
     fallback_lr_ratio`` (applied here, so a scheduler writing one LR into every group keeps the ratio)."""
 
     uses_rules = True
-    tensor_state = frozenset({"step"})  # the AdamW fallback's counter
 
     @classmethod
     def state_size(cls, group: dict, element_bytes: int) -> StateSize:

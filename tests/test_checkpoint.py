@@ -662,3 +662,81 @@ def test_portable_hsdp_2x2_to_hsdp_and_fsdp2_4_ranks(kind):
     assert_bitwise(r["uninterrupted"], r["hsdp"])
     assert r["rel_1d"] <= test_fsdp2.REL_TOL[kind], r["rel_1d"]
 
+
+# ============================================================================================ one process
+def _single(kind, seed=0, **variant):
+    from stateless_opt import param_groups
+
+    model = fresh_model(seed)
+    opt = optim_db.info(kind).make(param_groups(model), **{**hyper(kind), **variant})
+    return model, opt
+
+
+def test_consolidated_checkpoint_holds_the_same_and_loads(tmp_path):
+    """``consolidate`` (one piece per tensor) of a 2-rank ZeRO-2 checkpoint: same content, same resume."""
+    from stateless_opt.checkpoint import consolidate, load_portable, read_portable
+
+    stage_two("sgdsai")
+    out = consolidate(where(ROOT, "sgdsai", "P_A"), tmp_path / "one")
+    assert_same_checkpoint(where(ROOT, "sgdsai", "P_A"), out)
+    assert all(len(t["pieces"]) == 1 for t in read_portable(out)["index"]["tensors"].values())
+    runs = []
+    for src in (where(ROOT, "sgdsai", "P_A"), out):
+        model, opt = _single("sgdsai", seed=1)
+        load_portable(model, opt, src)
+        runs.append(Run("single", model, opt, 0, 1).train(2))
+    assert_bitwise(*runs)
+
+
+def test_load_refuses_what_does_not_fit(tmp_path):
+    """Clear errors, before anything is written: another optimizer, another split, other shapes,
+    weights missing (strict), unknown state; ``strict=False`` loads the weights both have."""
+    from torch import nn
+
+    from stateless_opt import SWAN
+    from stateless_opt.checkpoint import CheckpointError, load_portable, save_portable
+
+    model, opt = _single("swan")
+    Run("single", model, opt, 0, 1).train(0, 1)
+    save_portable(model, opt, tmp_path / "swan")
+
+    other, sgd = _single("sgdsai", seed=1)
+    with pytest.raises(CheckpointError, match="holds a 'swan' optimizer"):
+        load_portable(other, sgd, tmp_path / "swan")
+
+    m2 = fresh_model(1)
+    by_shape = SWAN(m2.parameters(), lr=0.01)  # the embedding (2-D) goes to the matrix rule here
+    before = [p.detach().clone() for p in m2.parameters()]
+    with pytest.raises(CheckpointError, match="rule"):
+        load_portable(m2, by_shape, tmp_path / "swan")
+    assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters()))  # refused before any write
+
+    m3, o3 = _single("swan", seed=1)
+    m3.l1 = nn.Linear(6, 8)  # another shape under the same name
+    from stateless_opt import param_groups
+
+    o3 = SWAN(param_groups(m3), lr=0.01)
+    with pytest.raises(CheckpointError, match=r"l1.weight has shape \(7, 6\)"):
+        load_portable(m3, o3, tmp_path / "swan")
+
+    m4, o4 = _single("swan", seed=1)
+    m4.extra = nn.Linear(9, 9)
+    from stateless_opt import param_groups as pg
+
+    o4 = SWAN(pg(m4), lr=0.01)
+    with pytest.raises(CheckpointError, match="extra.weight"):
+        load_portable(m4, o4, tmp_path / "swan")
+    info = load_portable(m4, o4, tmp_path / "swan", strict=False)
+    assert info["missing"] == ["extra.bias", "extra.weight"] and info["unexpected"] == []
+    assert torch.equal(m4.l1.weight, model.l1.weight)
+
+
+def test_state_of_unknown_shape_is_refused_by_name(tmp_path):
+    from stateless_opt.checkpoint import CheckpointError, save_portable
+
+    model, opt = _single("sgdsai")
+    Run("single", model, opt, 0, 1).train(0, 1)
+    opt.state[model.l1.weight]["odd"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match="'odd'.*weight_state"):
+        save_portable(model, opt, tmp_path / "x")
+
