@@ -664,12 +664,30 @@ def test_portable_hsdp_2x2_to_hsdp_and_fsdp2_4_ranks(kind):
 
 
 # ============================================================================================ one process
-def _single(kind, seed=0, **variant):
+def _single(kind, seed=0):
     from stateless_opt import param_groups
 
     model = fresh_model(seed)
-    opt = optim_db.info(kind).make(param_groups(model), **{**hyper(kind), **variant})
-    return model, opt
+    return model, make_opt(kind, param_groups(model))
+
+
+@pytest.mark.parametrize("row", [r.id for r in optim_db.OPTIM_DB])
+def test_every_catalogue_row_resumes_bitwise_in_one_process(row, tmp_path):
+    """Every optimizer variant's state (stateless, AdamW, row-clip, SGD-SaI's and its AdamW-fallback
+    hybrid's) goes through the portable checkpoint: a fresh optimizer that loads it after 2 steps
+    continues bitwise as the uninterrupted run, and saves back the same checkpoint."""
+    from stateless_opt.checkpoint import load_portable, save_portable
+
+    model, opt = _single(row)
+    run = Run("single", model, opt, 0, 1)
+    run.train(0)
+    save_portable(model, opt, tmp_path / "a")
+    uninterrupted = run.train(2)
+    model2, opt2 = _single(row, seed=1)
+    load_portable(model2, opt2, tmp_path / "a")
+    save_portable(model2, opt2, tmp_path / "echo")
+    assert_same_checkpoint(tmp_path / "a", tmp_path / "echo")
+    assert_bitwise(uninterrupted, Run("single", model2, opt2, 0, 1).train(2))
 
 
 def test_consolidated_checkpoint_holds_the_same_and_loads(tmp_path):
