@@ -193,8 +193,8 @@ def state_kind(opt, key: str, value, unit: torch.Tensor) -> str:
 class Entry:
     """One piece of one logical tensor: ``name`` ("weight/<param>" or "state/<param>/<key>"), the
     rectangle ``rows`` x ``cols`` of the weight's matrix view (None for a scalar), and where its data
-    sits: ``source`` (what the writer resolves: ("weight", unit) or ("state", unit, key)) at flat
-    ``offset`` of the source's local storage (for a per-weight value: its index)."""
+    sits: ``source`` (("weight",) or ("state", key)) of stepped tensor number ``unit``, at flat
+    ``offset`` of its local storage (a per-weight value: its index; a per-tensor one: -1)."""
 
     name: str
     rows: tuple[int, int] | None
@@ -207,7 +207,7 @@ class Entry:
 @dataclass
 class Plan:
     """What this rank writes (``entries``) and the facts every rank agrees on (``weights``: per name,
-    group, shape, dtype and state kinds; ``tensors``: per logical tensor, shape and dtype)."""
+    param group, shape and state kinds; ``tensors``: per logical tensor, shape and dtype)."""
 
     entries: list[Entry] = field(default_factory=list)
     weights: dict[str, dict] = field(default_factory=dict)
@@ -232,7 +232,8 @@ def plan(opt, held: list[_Held], *, weights: bool = True) -> Plan:
             if weights:
                 key = f"weight/{name}"
                 out.tensors[key] = {"shape": list(s.shape), "dtype": _dtype_name(s.param)}
-                out.entries += [Entry(key, (p.r0, p.r1), (p.c0, p.c1), ("weight",), s.offset + p.offset, u) for p in rects]
+                out.entries += [Entry(key, (p.r0, p.r1), (p.c0, p.c1), ("weight",), s.offset + p.offset, u)
+                                for p in rects]
             for k, kind in kinds.items():
                 key, v = f"state/{name}/{k}", state[k]
                 if kind == ELEMENTWISE:
@@ -243,7 +244,8 @@ def plan(opt, held: list[_Held], *, weights: bool = True) -> Plan:
                     is_tensor = torch.is_tensor(v)
                     out.tensors[key] = {"shape": [], "dtype": _dtype_name(v) if is_tensor else "float64"}
                     if first:
-                        out.entries.append(Entry(key, None, None, ("state", k), s.unit_index if kind == PER_WEIGHT else -1, u))
+                        index = s.unit_index if kind == PER_WEIGHT else -1
+                        out.entries.append(Entry(key, None, None, ("state", k), index, u))
     return out
 
 
@@ -395,12 +397,16 @@ def save_portable(model, optimizer, path: str | os.PathLike, *, weights: bool = 
 def part_of(p: Plan, held: list[_Held], file: str) -> dict:
     """This rank's contribution to the index: its pieces (extents only), the weights it describes."""
     return {"file": file, "weights": p.weights, "tensors": p.tensors,
-            "pieces": [(e.name, {"key": piece_key(e)} | ({"rows": list(e.rows), "cols": list(e.cols)} if e.rows else {}))
-                       for e in p.entries],
+            "pieces": [(e.name, {"key": piece_key(e), **_extent(e)}) for e in p.entries],
             "layouts": sorted({type(h.layout).__name__ for h in held})}
 
 
-def write_gathered(path: Path, index_name: str, opt, part: dict, groups: list[dict], group_file: str | None) -> dict | None:
+def _extent(e: Entry) -> dict:
+    return {"rows": list(e.rows), "cols": list(e.cols)} if e.rows else {}
+
+
+def write_gathered(path: Path, index_name: str, opt, part: dict, groups: list[dict],
+                   group_file: str | None) -> dict | None:
     """Gather every rank's ``part`` on rank 0, check and write the index there (last: it marks the
     checkpoint complete); every rank raises if rank 0 found it inconsistent."""
     parts = _gather(part)
@@ -449,8 +455,9 @@ class Reader:
             raise CheckpointError(f"{self.path}: no {INDEX} (not a portable checkpoint, or an incomplete one)")
         self.index = json.loads(index.read_text())
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
-            raise CheckpointError(f"{index}: format {self.index.get('format')!r} version {self.index.get('version')!r}, "
-                                  f"expected {FORMAT!r} version {VERSION}")
+            found = (self.index.get("format"), self.index.get("version"))
+            raise CheckpointError(f"{index}: format {found[0]!r} version {found[1]!r}, expected {FORMAT!r} "
+                                  f"version {VERSION}")
         self._files: dict[str, Any] = {}
 
     def _open(self, file: str):
@@ -555,7 +562,8 @@ def load_portable(model, optimizer, path: str | os.PathLike, *, strict: bool = T
     restored like ``torch.optim.Optimizer.load_state_dict`` does (the saved values win), except facts of
     this run (which process group replicates the weights) and the matrix / fallback split, which must
     agree. ``strict``: every weight of the checkpoint must be one of the optimizer's and vice versa;
-    ``optimizer_state=False`` loads the weights only. Returns {"missing", "unexpected", "saved"} (names, and how the checkpoint was saved)."""
+    ``optimizer_state=False`` loads the weights only. Returns {"missing", "unexpected", "saved"} (names,
+    and how the checkpoint was saved)."""
     module, opt = _resolve(model, optimizer)
     r = Reader(path)
     idx = r.index
@@ -651,7 +659,8 @@ def _load_state(opt, h: _Held, r: Reader) -> None:
     if not present:
         return
     if len(present) != len([s for s in saved if s is not None]):
-        raise CheckpointError(f"weights {h.names[:6]} share one stepped tensor, but only {present[:6]} had state when saved")
+        raise CheckpointError(f"weights {h.names[:6]} share one stepped tensor, but only {present[:6]} had state "
+                              "when saved")
     with _grads_present([h.tensor]):
         opt._ensure_state(opt.param_groups[h.group], [h.tensor], [h.shards])
     state = opt.state.get(h.tensor, {})

@@ -393,11 +393,66 @@ def hsdp_round_trip(ctx, opt):
     return out
 
 
+def box_run(grid, row, ctx_rank=None):
+    """test_box_layouts' weights as a named module, with its box layout over ``grid`` (None: one
+    process, no layout) and catalogue row ``row``'s optimizer, as test_box_layouts builds them."""
+    import test_box_layouts as B
+
+    shapes = {**B.MATRICES, **B.FALLBACK}
+    full = B._weights()
+    tensors: dict = {}
+    layout = B.BoxLayout(grid, tensors, shapes) if grid else None
+    module = torch.nn.ParameterDict(
+        {n: torch.nn.Parameter(layout.local(n, w) if layout else w.clone()) for n, w in full.items()})
+    for n, p in module.items():
+        tensors[id(p)] = n
+    info = optim_db.info(row)
+    if info.splits_rules:
+        groups = [{"params": [module[n] for n in B.MATRICES], "rule": "matrix"},
+                  {"params": [module[n] for n in B.FALLBACK], "rule": "fallback"}]
+        opt = info.make(groups, lr=B.LR, weight_decay=B.WD, fallback_lr_ratio=1.0)
+    else:
+        opt = info.make(list(module.values()), lr=B.LR, weight_decay=B.WD)
+    if layout:
+        opt.add_layout(layout)
+
+    def step(t):
+        grads = B._grads(t)
+        for n, p in module.items():
+            p.grad = layout.local(n, grads[n]) if layout else grads[n].clone()
+        opt.step()
+
+    return module, opt, layout, step
+
+
+def box_save_and_regrid(ctx, row, grid, other, root):
+    """Tensor-parallel-like boxes: 2 steps on ``grid``, save, then a fresh run on the ``other`` grid
+    loads it and takes step 2 (returns its pieces); the parent resumes the checkpoint in one process."""
+    from stateless_opt.checkpoint import load_portable, save_portable
+
+    module, opt, layout, step = box_run(grid, row)
+    step(0)
+    step(1)
+    path = Path(root) / f"box_{row}_{grid[0]}x{grid[1]}"
+    save_portable(module, opt, path)
+    module, opt, layout, step = box_run(other, row)
+    with torch.no_grad():
+        for p in module.values():
+            p.zero_()
+    load_portable(module, opt, path)
+    step(2)
+    return {n: (layout.extents[n][ctx.rank], p.detach().clone()) for n, p in module.items()}
+
+
 def _ride_fsdp2_spawn():
     import test_fsdp2
 
     for k in ("swan", "sgdsai"):
         test_fsdp2.CASES.add(f"hsdp_portable_{k}", hsdp_round_trip, (4,), opt=k)
+        test_fsdp2.CASES.add(f"box_portable_cols_{k}", box_save_and_regrid, (2,), row=k, grid=(1, 2), other=(2, 1),
+                             root=str(ROOT))
+        test_fsdp2.CASES.add(f"box_portable_2x2_{k}", box_save_and_regrid, (4,), row=k, grid=(2, 2), other=(1, 4),
+                             root=str(ROOT))
 
 
 _ride_fsdp2_spawn()
@@ -757,4 +812,35 @@ def test_state_of_unknown_shape_is_refused_by_name(tmp_path):
     opt.state[model.l1.weight]["odd"] = torch.zeros(3)
     with pytest.raises(CheckpointError, match="'odd'.*weight_state"):
         save_portable(model, opt, tmp_path / "x")
+
+
+@pytest.mark.parametrize("kind", ("swan", "sgdsai"))
+@pytest.mark.parametrize("grid,world", [("cols", 2), ("2x2", 4)])
+def test_portable_box_layouts_to_another_grid_and_one_process(kind, grid, world):
+    """Weights cut in boxes (a column split over 2 ranks as tensor parallelism does, a 2 x 2 grid over 4)
+    with test_box_layouts' hand-made layout: the checkpoint loads on another grid of the same ranks (rows
+    instead of columns) and in one process with no layout (TP 2 -> 1), and the next step equals the
+    float64 reference of test_box_layouts (FP32_TOL of the path travelled)."""
+    import test_box_layouts as B
+    import test_fsdp2
+    from test_reference import FP32_TOL
+
+    from stateless_opt.checkpoint import load_portable
+
+    ROOT.mkdir(exist_ok=True)
+    per_rank = test_fsdp2.CASES.result(f"box_portable_{grid}_{kind}", world)
+    module, opt, _, step = box_run(None, kind)
+    with torch.no_grad():
+        for p in module.values():
+            p.zero_()
+    load_portable(module, opt, ROOT / f"box_{kind}_{'1x2' if grid == 'cols' else '2x2'}")
+    step(2)
+    ref = B._reference(kind)
+    start = {n: v.double() for n, v in B._weights().items()}
+    regrid = B._assemble([{"pieces": [r]} for r in per_rank], 0)
+    for n, want in ref[2].items():
+        path = sum((ref[t][n] - (ref[t - 1][n] if t else start[n])).abs().max().item() for t in range(3))
+        for got in (regrid[n], module[n].detach().double()):
+            assert not got.isnan().any()
+            assert (got - want).abs().max().item() / path < FP32_TOL, n
 
