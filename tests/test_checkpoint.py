@@ -30,6 +30,7 @@ What is asserted, and why it is the user's guarantee:
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -561,6 +562,9 @@ def stage_one(kind):
 def _cleanup():
     yield
     shutil.rmtree(ROOT, ignore_errors=True)
+
+
+atexit.register(shutil.rmtree, ROOT, True)  # also when only the cases riding test_fsdp2's spawns ran
 
 
 # ============================================================================================ tests
