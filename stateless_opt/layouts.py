@@ -17,8 +17,8 @@ columns, ``agree_groups`` hold copies (HSDP's replicate dims) and only vote on s
 *Layouts* turn what sits in ``param_group["params"]`` into ``WeightShard``s. An optimizer consults its
 ordered list ``optimizer.layouts`` at every ``step()`` (never cached: accelerate and ZeRO-3 swap the
 tensors in ``param_groups``); the first layout that recognises a tensor answers. The defaults are
-``DTensorLayout`` (FSDP2/HSDP), ``ReplicatedLayout`` (DDP: the group's ``replicate_group``) and
-``LocalLayout``; an engine that hands the optimizer tensors of its own (DeepSpeed's ZeRO partitions,
+``DTensorLayout`` (FSDP2/HSDP, tensor parallelism, FSDP2 x TP), ``ReplicatedLayout`` (DDP: the
+group's ``replicate_group``) and ``LocalLayout``; an engine that hands the optimizer tensors of its own (DeepSpeed's ZeRO partitions,
 ``stateless_opt.integrations.deepspeed``) puts its layout first with ``optimizer.add_layout``.
 """
 

@@ -258,6 +258,33 @@ for _row in ROWS:
     CASES.add(f"llama_{_row}", llama_equivalence, WORLDS, row=_row)
 
 
+def nan_on_one_rank(ctx, row: str):
+    """Step 1: a NaN in the last rank's piece of w2 (a box under FSDP2 x TP) after the backend's
+    reduction; every rank must skip that step (no weight, state or counter moves) and go on after."""
+    from torch.distributed.tensor import DTensor
+
+    model, dp_rank, dp_size = parallel_llama(ctx)
+    opt = make_opt(row, model)
+    out = []
+    for step in range(3):
+        ids, targets = global_batch(step, ctx.device)
+        llama_loss(model, ids.chunk(dp_size)[dp_rank], targets.chunk(dp_size)[dp_rank]).backward()
+        if step == 1 and ctx.rank == ctx.world - 1:
+            model.layers["0"].feed_forward.w2.weight.grad.to_local()[0, 0] = float("nan")
+        before = {n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+                  for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        after = {n: (p.to_local() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
+        out.append({"unchanged": all(torch.equal(before[n], after[n]) for n in before),
+                    "finite": all(bool(torch.isfinite(v).all()) for v in after.values()),
+                    "skipped": opt.skipped_steps, "steps": [g["step"] for g in opt.param_groups]})
+    return out
+
+
+CASES.add("nan_sinkgd", nan_on_one_rank, WORLDS, row="sinkgd")
+
+
 # ---------------------------------------------------------------------------- placements by hand
 # name -> (shape, rule, tensor-parallel cut: Shard dim or None = Replicate)
 PLACED = {
@@ -728,3 +755,12 @@ def test_unsupported_placements_are_refused_by_name():
         shard_order([Partial()], (2,), 2)
     with pytest.raises(ValueError, match="only dims 0 and 1"):
         shard_order([Shard(2)], (2,), 3)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_nan_on_one_rank_skips_on_every_rank(world):
+    for r, res in enumerate(CASES.result("nan_sinkgd", world)):
+        assert not res[0]["unchanged"] and res[0]["skipped"] == 0, (r, res[0])
+        assert res[1]["unchanged"] and res[1]["finite"] and res[1]["skipped"] == 1, (r, res[1])
+        assert res[1]["steps"] == res[0]["steps"], (r, res)
+        assert not res[2]["unchanged"] and res[2]["finite"] and res[2]["skipped"] == 1, (r, res[2])
