@@ -43,9 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import optim_db
-import reference as R
 import stateless_opt as so
 from dist_harness import Registry
+from test_box_layouts import float64_trajectory, path_error
 from test_ddp import count_whitened
 from test_fsdp2 import REL_TOL, comm_spy, compare, full
 from test_reference import FP32_TOL
@@ -395,27 +395,8 @@ for _row in ROWS:
 def placed_reference(row: str, world: int) -> list[dict]:
     """The float64 trajectory of the whole weights under the global gradients."""
     spec = placed(world)
-    info = optim_db.info(row)
-    w = {n: v.double() for n, v in placed_weights(world).items()}
-    kw = info.kwargs(lr=0.05, weight_decay=WD)
-    sai = R.SGDSaIRef(0.05, weight_decay=WD) if not info.splits_rules else None
-    adam = {n: R.AdamWRef(0.05, weight_decay=WD) for n in spec if spec[n][1] == "fallback"}
-    out = []
-    for step in range(STEPS):
-        grads = placed_grads(world, step)
-        if sai is not None:
-            names = list(w)
-            w = dict(zip(names, sai.step([w[n] for n in names], [grads[n] for n in names])))
-        else:
-            for n, (_, rule, _) in spec.items():
-                if rule == "matrix":
-                    w[n] = (1 - 0.05 * WD) * w[n] - 0.05 * info.reference(grads[n])
-                elif kw.get("fallback", "adamw") == "adamw":
-                    w[n] = adam[n].step(w[n], grads[n])
-                else:
-                    w[n] = (1 - 0.05 * WD) * w[n] - 0.05 * R.stateless_fallback_update(grads[n])
-        out.append({n: v.clone() for n, v in w.items()})
-    return out
+    return float64_trajectory(row, placed_weights(world), [placed_grads(world, t) for t in range(STEPS)],
+                              {n: rule for n, (_, rule, _) in spec.items()}, 0.05, WD)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -506,14 +487,13 @@ def _mesh_of(world: int) -> str:
 def test_placed_weights_equal_float64_reference(row, world):
     per_rank = CASES.result(f"placements_{row}", world)
     ref = placed_reference(row, world)
-    start = {n: v.double() for n, v in placed_weights(world).items()}
+    start = placed_weights(world)
     worst = (0.0, None)
     for res in per_rank:
         assert res["skipped"] == 0
         for step in range(STEPS):
-            for n, got in res["weights"][step].items():
-                path = sum((ref[t][n] - (ref[t - 1][n] if t else start[n])).abs().max().item() for t in range(step + 1))
-                worst = max(worst, ((got - ref[step][n]).abs().max().item() / path, (n, step)))
+            for n, e in path_error(res["weights"][step], ref, start, step).items():
+                worst = max(worst, (e, (n, step)))
     assert math.isfinite(worst[0]) and worst[0] < FP32_TOL, (_mesh_of(world), worst)
     res = per_rank[-1]
     # the family really is there: strided FSDP2-over-TP rows, 2-D boxes, empty pieces
