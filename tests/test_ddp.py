@@ -193,7 +193,7 @@ def test_ddp_payload_swan_results_only(world):
         for per_step in per_rank:
             st = per_step[step]
             calls = st["calls"]
-            assert calls[0] == {"op": "all_reduce", "bytes": 4, "dtype": "torch.float32"}
+            assert calls[0] == {"op": "all_reduce", "bytes": 4, "dtype": "torch.float32", "reduce": "max"}
             assert st["bytes_sent"] == sum(c["bytes"] for c in calls)
             assert len(calls) > 1 and all(c["op"] == "all_to_all" for c in calls[1:])
             sent += sum(c["bytes"] for c in calls[1:])

@@ -1,8 +1,9 @@
 """Tensor parallelism and FSDP2 x TP (gloo, CPU): the sharded step equals the single-process step.
 
-Two spawns: world 2 (tensor parallel over a 1-D "tp" mesh) and world 4 (a 2 x 2 ("dp", "tp") mesh: TP
-inside, FSDP2 across, as torchtitan's ``apply_tp`` then ``apply_fsdp``). Every case runs on every
-rank and returns numbers; the tests assert on them here.
+World 2: tensor parallel over a 1-D "tp" mesh; world 4: a 2 x 2 ("dp", "tp") mesh, TP inside and
+FSDP2 across, as torchtitan's ``apply_tp`` then ``apply_fsdp``. The cases ride in tests/test_fsdp2.py's
+spawns of those world sizes (no spawn of their own); each runs on every rank and returns numbers, the
+tests assert on them here.
 
 * ``llama_*``: a LLaMA model (vocabulary 11, one block: dim 8, 2 heads, FFN 13; RMSNorm; LM head)
   parallelised with ``parallelize_module`` exactly as torchtitan's ``apply_tp`` does (vocabulary-
@@ -44,13 +45,11 @@ import torch.nn.functional as F
 
 import optim_db
 import stateless_opt as so
-from dist_harness import Registry
 from test_box_layouts import float64_trajectory, path_error
 from test_ddp import count_whitened
-from test_fsdp2 import REL_TOL, comm_spy, compare, full
+from test_fsdp2 import CASES, REL_TOL, comm_spy, compare, full
 from test_reference import FP32_TOL
 
-CASES = Registry(__name__)
 WORLDS = (2, 4)  # TP 2; FSDP2 2 x TP 2
 ROWS = tuple(r.id for r in optim_db.rows("tp"))
 STEPS = 3
@@ -255,7 +254,7 @@ def llama_equivalence(ctx, row: str):
 
 
 for _row in ROWS:
-    CASES.add(f"llama_{_row}", llama_equivalence, WORLDS, row=_row)
+    CASES.add(f"tp_llama_{_row}", llama_equivalence, WORLDS, row=_row)
 
 
 def nan_on_one_rank(ctx, row: str):
@@ -282,7 +281,7 @@ def nan_on_one_rank(ctx, row: str):
     return out
 
 
-CASES.add("nan_sinkgd", nan_on_one_rank, WORLDS, row="sinkgd")
+CASES.add("tp_nan_sinkgd", nan_on_one_rank, WORLDS, row="sinkgd")
 
 
 # ---------------------------------------------------------------------------- placements by hand
@@ -389,7 +388,7 @@ def placements_equivalence(ctx, row: str):
 
 
 for _row in ROWS:
-    CASES.add(f"placements_{_row}", placements_equivalence, WORLDS, row=_row)
+    CASES.add(f"tp_placements_{_row}", placements_equivalence, WORLDS, row=_row)
 
 
 def placed_reference(row: str, world: int) -> list[dict]:
@@ -452,7 +451,7 @@ def dcp_resume(ctx, row: str):
 
 
 for _row in ("swan", "sgdsai"):  # the AdamW fallback's moments; SGD-SaI's momentum and host scales
-    CASES.add(f"dcp_{_row}", dcp_resume, WORLDS, row=_row)
+    CASES.add(f"tp_dcp_{_row}", dcp_resume, WORLDS, row=_row)
 
 
 # ------------------------------------------------------------------------------------ memory report
@@ -474,7 +473,7 @@ def memory(ctx):
     return out
 
 
-CASES.add("memory", memory, WORLDS)
+CASES.add("tp_memory", memory, WORLDS)
 
 
 # -------------------------------------------------------------------------------------------- tests
@@ -485,7 +484,7 @@ def _mesh_of(world: int) -> str:
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("row", ROWS)
 def test_placed_weights_equal_float64_reference(row, world):
-    per_rank = CASES.result(f"placements_{row}", world)
+    per_rank = CASES.result(f"tp_placements_{row}", world)
     ref = placed_reference(row, world)
     start = placed_weights(world)
     worst = (0.0, None)
@@ -512,7 +511,7 @@ def test_placed_weights_equal_float64_reference(row, world):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("row", ROWS)
 def test_llama_tp_equals_single_process(row, world):
-    per_rank = CASES.result(f"llama_{row}", world)
+    per_rank = CASES.result(f"tp_llama_{row}", world)
     for r, res in enumerate(per_rank):
         assert res["err"]["init_equal"]
         assert res["skipped"] == 0
@@ -552,7 +551,7 @@ def test_llama_payload_sinkgd_moves_only_vectors(world):
     """SinkGD under TP: row statistics of the row-split (wo, w2) weights travel over "tp", column
     statistics of the column-split ones over "tp" (and, under FSDP2, the row-split ones' over "dp"):
     L vectors each, never a matrix; the screening moves one scalar per tensor."""
-    per_rank = CASES.result("llama_sinkgd", world)
+    per_rank = CASES.result("tp_llama_sinkgd", world)
     iterations = so.SinkGDConfig().iterations
     shapes = per_rank[0]["matrix_shapes"]
     colwise = [s for n, s in shapes.items() if any(k in n for k in ("wq", "wk", "wv", "w1", "w3"))]
@@ -571,7 +570,7 @@ def test_llama_payload_sinkgd_moves_only_vectors(world):
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_llama_payload_sgdsai_moves_only_scalars(world):
-    for res in CASES.result("llama_sgdsai", world):
+    for res in CASES.result("tp_llama_sgdsai", world):
         for i, step in enumerate(res["payload"]):
             maxes, sums, a2a = _stat_calls(step)
             assert not a2a and all(c["bytes"] <= 4 * (res["tensors"] + 1) for c in maxes)
@@ -585,7 +584,7 @@ def test_llama_payload_sgdsai_moves_only_scalars(world):
 def test_llama_payload_swan_whole_matrices_only_to_owners(world):
     """SWAN gathers each matrix to one owner over all ranks of the mesh (both dims at 2 x 2) and sends
     the pieces back: every piece travels at most twice, and the owners are spread over every rank."""
-    per_rank = CASES.result("llama_swan", world)
+    per_rank = CASES.result("tp_llama_swan", world)
     shapes = per_rank[0]["matrix_shapes"]
     total = sum(4 * math.prod(s) for s in shapes.values())
     for t in range(STEPS):
@@ -614,7 +613,7 @@ def test_llama_payload_swan_whole_matrices_only_to_owners(world):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("row", ("swan", "sgdsai"))
 def test_dcp_checkpoint_resumes_exactly(row, world):
-    for res in CASES.result(f"dcp_{row}", world):
+    for res in CASES.result(f"tp_dcp_{row}", world):
         assert res["loaded_steps"] and all(s == 2 for s in res["loaded_steps"]), res["loaded_steps"]
         assert res["state_keys"], "the checkpoint carried no optimizer state"
         assert res["diff"] == 0.0 and res["moved"] > 0, res
@@ -625,7 +624,7 @@ def test_memory_report_tp_layouts(world):
     """The report names the layout, counts every rank's pieces, predicts SWAN's state exactly (0 on the
     TP-cut matrices, AdamW moments on the TP-cut embedding and head and the norms) and AdamW's as a real
     AdamW run on the same layout holds it; the formula counts each weight at 1/N_p."""
-    rep = CASES.result("memory", world)[0]  # every rank returns the same gathered report
+    rep = CASES.result("tp_memory", world)[0]  # every rank returns the same gathered report
     numel = sum(p.numel() for p in make_llama().parameters())
     norms = 3 * DIM  # attention_norm, ffn_norm, norm: TP leaves them whole on both TP ranks
     for name in ("swan", "adamw"):
@@ -739,7 +738,7 @@ def test_unsupported_placements_are_refused_by_name():
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_nan_on_one_rank_skips_on_every_rank(world):
-    for r, res in enumerate(CASES.result("nan_sinkgd", world)):
+    for r, res in enumerate(CASES.result("tp_nan_sinkgd", world)):
         assert not res[0]["unchanged"] and res[0]["skipped"] == 0, (r, res[0])
         assert res[1]["unchanged"] and res[1]["finite"] and res[1]["skipped"] == 1, (r, res[1])
         assert res[1]["steps"] == res[0]["steps"], (r, res)
