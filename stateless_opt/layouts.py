@@ -18,8 +18,9 @@ columns, ``agree_groups`` hold copies (HSDP's replicate dims) and only vote on s
 ordered list ``optimizer.layouts`` at every ``step()`` (never cached: accelerate and ZeRO-3 swap the
 tensors in ``param_groups``); the first layout that recognises a tensor answers. The defaults are
 ``DTensorLayout`` (FSDP2/HSDP, tensor parallelism, FSDP2 x TP), ``ReplicatedLayout`` (DDP: the
-group's ``replicate_group``) and ``LocalLayout``; an engine that hands the optimizer tensors of its own (DeepSpeed's ZeRO partitions,
-``stateless_opt.integrations.deepspeed``) puts its layout first with ``optimizer.add_layout``.
+group's ``replicate_group``) and ``LocalLayout``; an engine that hands the optimizer tensors of its
+own (DeepSpeed's ZeRO partitions, ``stateless_opt.integrations.deepspeed``) puts its layout first with
+``optimizer.add_layout``.
 """
 
 from __future__ import annotations
@@ -385,7 +386,8 @@ class MeshPlacement(NamedTuple):
     agree_groups: tuple  # Replicate mesh dims: copies that only vote on skipping
 
 
-def _strided_shard_type():
+def strided_shard_type():
+    """torch's ``_StridedShard`` placement class (FSDP2 over tensor parallelism), or None."""
     try:
         from torch.distributed.tensor.placement_types import _StridedShard
     except ImportError:  # pragma: no cover - torch without _StridedShard
@@ -412,7 +414,7 @@ def shard_order(placements: Sequence, mesh_shape: Sequence[int], ndim: int, wher
     a dim past the matrix's columns) is refused rather than guessed."""
     from torch.distributed.tensor import Replicate, Shard
 
-    strided = _strided_shard_type()
+    strided = strided_shard_type()
     order: dict[int, list[int]] = {}
     pending: dict[int, tuple[int, int]] = {}  # tensor dim -> (mesh dim, split factor) of its strided cut
     for i, p in enumerate(placements):

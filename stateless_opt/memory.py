@@ -88,7 +88,7 @@ import torch
 import torch.distributed as dist
 
 from . import registry
-from .layouts import _strided_shard_type
+from .layouts import strided_shard_type
 from .optimizer import StateSize
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -406,7 +406,7 @@ def _cut_dims(p: torch.Tensor) -> list[int]:
     mesh, placements = getattr(p, "device_mesh", None), getattr(p, "placements", None)
     if mesh is None or placements is None:
         return []
-    strided = _strided_shard_type()
+    strided = strided_shard_type()
     return [i for i, pl in enumerate(placements)
             if (pl.is_shard() or (strided is not None and isinstance(pl, strided))) and mesh.size(i) > 1]
 
