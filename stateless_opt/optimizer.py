@@ -410,6 +410,9 @@ class MatrixRuleOptimizer(StatelessOptimizer):
     fallback_lr_ratio`` (applied here, so a scheduler writing one LR into every group keeps the ratio)."""
 
     uses_rules = True
+    # which fragments share one ``_matrix_update`` call (layouts.batch_runs): the full signature where
+    # row/column statistics travel; "holders" where only whole matrices do (owners balanced over all)
+    run_by = "signature"
 
     @classmethod
     def state_size(cls, group: dict, element_bytes: int) -> StateSize:
@@ -433,7 +436,7 @@ class MatrixRuleOptimizer(StatelessOptimizer):
                 stateless_fallback(self, group, shards, lr, ROW_FLOORS[group["fallback"]])
             return
         frags = [f for s in shards for f in split_matrices(s, group.get("batch_dims", 0))]
-        for run in batch_runs(frags):
+        for run in batch_runs(frags, self.run_by):
             self._matrix_update(group, run, self._comm(run[0].weight), group["lr"])
 
     def _matrix_update(self, group: dict, frags: list[MatrixFragment], comm: Collectives, lr: float) -> None:

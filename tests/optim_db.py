@@ -26,9 +26,10 @@ class OptimizerInfo:
     ``f(grad)`` (None for elementwise optimizers: ``SGDSaIRef`` covers them); ``amplifies_rounding``:
     an iterative whitening not converged on the small singular values, which grows fp32 reduction-order
     noise about tenfold (the equality tests loosen their tolerance tenfold for it); ``backends``: the
-    equality suites it runs in ("fsdp2": FSDP2, HSDP and DDP; "zero": DeepSpeed ZeRO-1/2/3);
-    ``marked_groups``: the variant changes only param groups marked ``rule="fallback"``
-    (``param_groups(model)``) and refuses a plain parameter list, so tests give it marked groups."""
+    equality suites it runs in ("fsdp2": FSDP2, HSDP and DDP; "zero": DeepSpeed ZeRO-1/2/3; "tp": tensor
+    parallelism and FSDP2 x TP); ``marked_groups``: the variant changes only param groups marked
+    ``rule="fallback"`` (``param_groups(model)``) and refuses a plain parameter list, so tests give it
+    marked groups."""
 
     id: str
     name: str
@@ -60,11 +61,12 @@ class OptimizerInfo:
         return {**self.variant, **hyper}
 
 
-ALL = frozenset({"fsdp2", "zero"})
+ALL = frozenset({"fsdp2", "zero", "tp"})
 OPTIM_DB: list[OptimizerInfo] = [
     OptimizerInfo("swan", "swan", rule=swan.swan_update, reference=R.swan_update, amplifies_rounding=True,
                   backends=ALL),
-    OptimizerInfo("swan_eigh", "swan", {"whitening": "eigh"}, swan.swan_update, R.swan_update, backends=ALL),
+    OptimizerInfo("swan_eigh", "swan", {"whitening": "eigh"}, swan.swan_update, R.swan_update,
+                  backends=frozenset({"fsdp2", "zero"})),
     OptimizerInfo("swan_ns", "swan", {"whitening": "newton_schulz"}, swan.swan_update, R.swan_update,
                   amplifies_rounding=True),
     OptimizerInfo("swan_stateless", "swan", {"fallback": "stateless"}, swan.swan_update, R.swan_update,
@@ -72,9 +74,9 @@ OPTIM_DB: list[OptimizerInfo] = [
     OptimizerInfo("swan_rowclip", "swan", {"fallback": "rowclip"}, swan.swan_update, R.swan_update,
                   amplifies_rounding=True),
     OptimizerInfo("sinkgd", "sinkgd", rule=sinkgd.sinkgd_update, reference=R.sinkgd_update,
-                  backends=frozenset({"fsdp2"})),
+                  backends=frozenset({"fsdp2", "tp"})),
     OptimizerInfo("sinkgd_stateless", "sinkgd", {"fallback": "stateless"}, sinkgd.sinkgd_update, R.sinkgd_update,
-                  backends=frozenset({"zero"})),
+                  backends=frozenset({"zero", "tp"})),
     OptimizerInfo("sinkgd_rowclip", "sinkgd", {"fallback": "rowclip"}, sinkgd.sinkgd_update, R.sinkgd_update),
     OptimizerInfo("sgdsai", "sgdsai", backends=ALL),
     OptimizerInfo("sgdsai_unfused", "sgdsai", {"fused": False}),

@@ -148,34 +148,49 @@ for _row in ROWS:
 
 
 # ------------------------------------------------------------------------------------------ parent side
-def _reference(row: str) -> list[dict]:
-    """The float64 trajectory of the whole weights (tests/reference.py)."""
-    import torch
-
+def float64_trajectory(row: str, start: dict, grads: list[dict], rules: dict, lr: float, wd: float) -> list[dict]:
+    """The float64 trajectory of whole weights (tests/reference.py) under catalogue row ``row``: by the
+    row's matrix reference for ``rules[name] == "matrix"``, the row's fallback rule for the others,
+    SGD-SaI's reference for every weight of an elementwise row; one entry per step."""
     import reference as R
 
     info = optim_db.info(row)
-    w = {n: v.double() for n, v in _weights().items()}
-    kw = info.kwargs(lr=LR, weight_decay=WD)
-    sai = R.SGDSaIRef(LR, weight_decay=WD) if not info.splits_rules else None
-    adam = {n: R.AdamWRef(LR, weight_decay=WD) for n in FALLBACK}
+    w = {n: v.double() for n, v in start.items()}
+    kw = info.kwargs(lr=lr, weight_decay=wd)
+    sai = R.SGDSaIRef(lr, weight_decay=wd) if not info.splits_rules else None
+    adam = {n: R.AdamWRef(lr, weight_decay=wd) for n in w if rules[n] == "fallback"}
     out = []
-    for step in range(STEPS):
-        grads = _grads(step)
+    for g in grads:
         if sai is not None:
             names = list(w)
-            w = dict(zip(names, sai.step([w[n] for n in names], [grads[n] for n in names])))
+            w = dict(zip(names, sai.step([w[n] for n in names], [g[n] for n in names])))
         else:
-            for n in MATRICES:
-                w[n] = (1 - LR * WD) * w[n] - LR * info.reference(grads[n])
-            for n in FALLBACK:
-                if kw.get("fallback", "adamw") == "adamw":
-                    w[n] = adam[n].step(w[n], grads[n])
+            for n in w:
+                if rules[n] == "matrix":
+                    w[n] = (1 - lr * wd) * w[n] - lr * info.reference(g[n])
+                elif kw.get("fallback", "adamw") == "adamw":
+                    w[n] = adam[n].step(w[n], g[n])
                 else:
                     rule = {"stateless": R.stateless_fallback_update, "rowclip": R.rowclip_fallback_update}
-                    w[n] = (1 - LR * WD) * w[n] - LR * rule[kw["fallback"]](grads[n])
+                    w[n] = (1 - lr * wd) * w[n] - lr * rule[kw["fallback"]](g[n])
         out.append({n: v.clone() for n, v in w.items()})
     return out
+
+
+def path_error(got: dict, ref: list[dict], start: dict, step: int) -> dict:
+    """Per weight: max |W - W_ref| at ``step`` over the path the reference travelled up to it (the
+    trajectory error of tests/test_reference.py)."""
+    out = {}
+    for n, w in got.items():
+        path = sum((ref[t][n] - (ref[t - 1][n] if t else start[n].double())).abs().max().item()
+                   for t in range(step + 1))
+        out[n] = (w.double() - ref[step][n]).abs().max().item() / path
+    return out
+
+
+def _reference(row: str) -> list[dict]:
+    rules = {**{n: "matrix" for n in MATRICES}, **{n: "fallback" for n in FALLBACK}}
+    return float64_trajectory(row, _weights(), [_grads(t) for t in range(STEPS)], rules, LR, WD)
 
 
 def _assemble(per_rank: list[dict], step: int) -> dict:
@@ -196,14 +211,13 @@ def _assemble(per_rank: list[dict], step: int) -> dict:
 def test_box_layout_equals_float64_reference(row, layout, world):
     per_rank = CASES.result(f"box_{layout}_{row}", world)
     ref = _reference(row)
-    start = {n: v.double() for n, v in _weights().items()}
+    start = _weights()
     errs = []
     for step in range(STEPS):
         got = _assemble(per_rank, step)
         for n in got:
             assert not got[n].isnan().any(), (n, "the boxes must tile the weight")
-            path = sum((ref[t][n] - (ref[t - 1][n] if t else start[n])).abs().max().item() for t in range(step + 1))
-            errs.append(((got[n] - ref[step][n]).abs().max().item() / path, n, step))
+        errs += [(e, n, step) for n, e in path_error(got, ref, start, step).items()]
     assert max(errs)[0] < FP32_TOL, max(errs)
     assert all(res["skipped"] == 0 for res in per_rank)
     if row != "sgdsai":  # stateless matrix rule: no state for the matrices on any rank
