@@ -192,6 +192,12 @@ class CheckpointSection(Section):
         description="resume although the checkpoint was written with another optimizer, model, data or schedule "
         "(refused by default); the weights load, the optimizer state only from the same optimizer",
     )
+    format: Literal["auto", "native", "portable", "both"] = Field(
+        "auto",
+        description="native: each rank's own shards (resumes at the same backend, world size and ZeRO stage); "
+        "portable: stateless_opt.checkpoint's format (resumes at any); both: the two, a resume takes native "
+        "where it can; auto: both for swan/sinkgd/sgdsai, native for adamw (torch's, not portable)",
+    )
 
 
 class BackendSection(Section):
@@ -238,6 +244,9 @@ class TrainConfig(Section):
             )
         if self.training.warmup > self.training.steps:
             raise ValueError(f"training.warmup_steps={self.training.warmup} > training.steps={self.training.steps}")
+        if self.optimizer.name == "adamw" and self.checkpoint.format in ("portable", "both"):
+            raise ValueError(f"checkpoint.format={self.checkpoint.format}: the portable checkpoint holds stateless_opt "
+                             "optimizers (swan, sinkgd, sgdsai), not optimizer.name=adamw (torch's AdamW): use native")
         shape = self.model.shape()
         if shape["hidden_size"] % shape["num_heads"]:
             raise ValueError(f"model.hidden_size={shape['hidden_size']} is not divisible by num_heads={shape['num_heads']}")
@@ -249,6 +258,14 @@ class TrainConfig(Section):
             return Path(self.run.dir)
         backend = "" if self.backend.name == "single" else f"-{self.backend.name}"
         return Path("runs") / f"{self.run.name}-{self.optimizer.name}{backend}"
+
+    @property
+    def checkpoint_formats(self) -> tuple[str, ...]:
+        """The formats each checkpoint is written in (``launch.checkpoint.FORMATS``), the preferred first."""
+        fmt = self.checkpoint.format
+        if fmt == "auto":
+            fmt = "native" if self.optimizer.name == "adamw" else "both"
+        return ("native", "portable") if fmt == "both" else (fmt,)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -265,17 +282,21 @@ class TrainConfig(Section):
 
 
 # Fields that change what a run computes. A checkpoint or run folder written with other values is another
-# run: resuming it is refused unless checkpoint.allow_changes (the rest, e.g. logging and the checkpoint
-# cadence, may change between attempts).
+# run: resuming it is refused unless checkpoint.allow_changes (the rest, e.g. logging, the checkpoint
+# cadence and the layout -- backend, world size, ZeRO stage -- may change between attempts; the layout
+# only where the checkpoint's format can be loaded there, which runs.plan checks).
 _SAME_RUN = ("model", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len", "data.max_train_tokens",
              "optimizer.name", "optimizer.fallback_weight_decay", "training.steps", "training.batch_size",
              "training.grad_accum", "training.warmup_steps", "training.min_lr_ratio", "training.grad_clip",
-             "training.seed", "training.autocast", "backend.name")
+             "training.seed", "training.autocast")
+_GLOBAL_BATCH = "training.batch_size x ranks"
 
 
-def run_differences(old: dict, new: dict) -> list[str]:
+def run_differences(old: dict, new: dict, worlds: tuple[int, int] | None = None) -> list[str]:
     """``"section.key: old -> new"`` for every field that changes what the run computes (dumped configs):
-    ``_SAME_RUN`` and the selected optimizer's hyper-parameters."""
+    ``_SAME_RUN`` and the selected optimizer's hyper-parameters. With ``worlds`` (the ranks of the old
+    and the new run), the batch is compared as the global one: each step's windows are a function of
+    (seed, step, batch_size x ranks), so 2 ranks of 2 and 1 of 4 are the same run."""
     def flat(tree: Any, prefix: str) -> dict[str, Any]:
         if isinstance(tree, dict):
             return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
@@ -285,6 +306,9 @@ def run_differences(old: dict, new: dict) -> list[str]:
     out = []
     for key in keys:
         fa, fb = flat(_lookup(old, key), key), flat(_lookup(new, key), key)
+        if key == "training.batch_size" and worlds is not None:
+            fa, fb = ({_GLOBAL_BATCH: b * w if isinstance(b, int) and isinstance(w, int) else b}
+                      for b, w in ((fa[key], worlds[0]), (fb[key], worlds[1])))
         for k in sorted(set(fa) | set(fb)):
             a, b = fa.get(k, "<unset>"), fb.get(k, "<unset>")
             if a != b:

@@ -95,7 +95,11 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
                 raise UserError(f"{run_dir} holds another run ({'; '.join(diffs[:6])}): {hint}")
         return None, notes
     meta = ckpt.read_meta(path)
-    diffs = run_differences(meta.get("config", {}), new)
+    here = layout(cfg, world)
+    fmt = ckpt.choose(meta, here)
+    if fmt is None:
+        raise UserError(ckpt.refusal(path, meta, here))
+    diffs = run_differences(meta.get("config", {}), new, worlds=(int(meta["world_size"]), world))
     if diffs and not cfg.checkpoint.allow_changes:
         raise UserError(
             f"checkpoint {path} was written by another run ({'; '.join(diffs[:6])}); resuming it would mix the two: "
@@ -103,16 +107,32 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
         )
     if diffs:
         notes.append(f"checkpoint.allow_changes: this config differs from the checkpoint's ({'; '.join(diffs)})")
-    if meta["backend"] != cfg.backend.name or meta["world_size"] != world:
+    moved = ckpt.layout_changes(meta, here)
+    if moved and meta.get("optimizer") != cfg.optimizer.name:
         raise UserError(
-            f"checkpoint {path} was written by backend={meta['backend']} with {meta['world_size']} ranks; this run is "
-            f"backend={cfg.backend.name} with {world}: resume with the same backend and world size"
+            f"checkpoint {path} was written by {meta.get('optimizer')} at another layout ({', '.join(moved)}): "
+            f"its weights can go to {cfg.optimizer.name} only at its own layout (native format; the portable one "
+            f"loads into the optimizer that wrote it): resume it with --backend {meta['backend']} on "
+            f"{ckpt._ranks(meta['world_size'])}, or keep --optimizer {meta.get('optimizer')}"
         )
+    if moved:
+        notes.append(f"resuming at another layout ({', '.join(moved)}) from the {fmt} format")
     newer = [p for p in existing if p.name > path.name]
     if newer and path.resolve().parent == ck_dir.resolve():
         raise UserError(f"{path} is older than {newer[-1]} in the same folder; continuing from it would overwrite the "
                         f"newer checkpoints: resume into another --run.dir, or delete {', '.join(p.name for p in newer)}")
     return path, notes
+
+
+def layout(cfg, world: int) -> dict:
+    """The layout this launch will run at (``checkpoint.layout_of`` of the run it builds)."""
+    stage = None
+    if cfg.backend.name == "deepspeed":
+        try:
+            stage = int(json.loads(cfg.deepspeed_config_path().read_text()).get("zero_optimization", {}).get("stage", 0))
+        except (OSError, ValueError, AttributeError):
+            stage = None  # deepspeed_json reports a broken JSON with its field name, later
+    return {"backend": cfg.backend.name, "world_size": world, "zero_stage": stage}
 
 
 def clean_partials(ck_dir: Path) -> None:

@@ -448,7 +448,7 @@ class Trainer:
         self._all_ok(lambda: staged.append(ckpt.read(path, parts)))
         meta = staged[0].meta
         same_optimizer = meta.get("optimizer") == cfg.optimizer.name
-        exact = not run_differences(meta.get("config", {}), dump(cfg))
+        exact = not run_differences(meta.get("config", {}), dump(cfg), worlds=(meta["world_size"], self.env.world))
         # this config's hyper-parameters (not the optimizer's counters, which the checkpoint carries on)
         hyper = set(cfg.optimizer.selected().model_dump()) | {"lr", "initial_lr", "weight_decay"}
         fresh = [{k: v for k, v in g.items() if k in hyper} for g in self.optimizer.param_groups]
@@ -459,8 +459,8 @@ class Trainer:
             reposition(self.scheduler, self.start_step)
         self.step = self.saved_step = self.start_step
         self.time_offset = float(meta.get("train_time_s", 0.0))
-        self.log(f"[resume] from {path} at step {self.start_step}"
-                 + ("" if same_optimizer else f" (weights only: it was written by {meta.get('optimizer')})"))
+        self.log(f"[resume] from {path} at step {self.start_step} ({staged[0].format} format"
+                 + (")" if same_optimizer else f", weights only: it was written by {meta.get('optimizer')})"))
 
     def _data(self) -> data_mod.PreparedData:
         d = self.cfg.data
@@ -589,7 +589,8 @@ class Trainer:
 
     def _save(self, step: int, train_time: float) -> None:
         meta = {"optimizer": self.cfg.optimizer.name, "train_time_s": round(train_time, 3), "config": dump(self.cfg)}
-        path = ckpt.save(self.cfg.checkpoint_dir, step, self.parts, meta, keep=self.cfg.checkpoint.keep)
+        path = ckpt.save(self.cfg.checkpoint_dir, step, self.parts, meta, keep=self.cfg.checkpoint.keep,
+                         formats=self.cfg.checkpoint_formats)
         self.saved_step = step
         self.log(f"[checkpoint] step {step}: {path}")
 
