@@ -347,6 +347,11 @@ def _save_portable(out: Path, parts: Parts, shared: dict, per_rank: dict) -> Non
         folder = portable.save_portable(_module(parts), parts.optimizer, out / PORTABLE)
     except portable.CheckpointError as err:
         raise CheckpointError(f"checkpoint.format portable: {err}") from None
+    outside = _outside(parts, set(json.loads((folder / portable.INDEX).read_text())["weights"]))
+    if outside:  # every rank read the same index: all raise together
+        raise CheckpointError(f"checkpoint.format portable holds the weights the optimizer steps; this model also has "
+                              f"{outside[:6]} (buffers or frozen weights), which a resume would lose: use "
+                              "--checkpoint.format=native")
     if (folder / portable.rank_file(parts.rank)).exists():
         _fsync(folder / portable.rank_file(parts.rank))
     if parts.rank == 0:
@@ -355,6 +360,15 @@ def _save_portable(out: Path, parts: Parts, shared: dict, per_rank: dict) -> Non
     if parts.engine is not None:  # the engine's counters (its native checkpoint carries them)
         shared["engine"] = {"global_steps": parts.engine.global_steps, "global_samples": parts.engine.global_samples,
                             "skipped_steps": parts.engine.skipped_steps}
+
+
+def _outside(parts: Parts, saved: set[str]) -> list[str]:
+    """Entries of the model's ``state_dict`` the portable checkpoint does not hold (tied weights count
+    under any of their names)."""
+    module = parts.engine.module if parts.engine is not None else getattr(parts.model, "module", parts.model)
+    every = dict(module.named_parameters(remove_duplicate=False))
+    first = {id(p): n for n, p in module.named_parameters()}
+    return [k for k in module.state_dict() if k not in every or first[id(every[k])] not in saved]
 
 
 def _read_portable(path: Path, meta: dict, parts: Parts) -> None:

@@ -8,7 +8,8 @@ Sections (each a pydantic model; unknown keys are errors that name the key):
                  (``swan`` / ``sinkgd`` / ``sgdsai``, each the library's own pydantic config, so names,
                  defaults and bounds are the library's, checked at load time) and ``adamw``
 * ``training``   steps, batch, schedule (warm-up + cosine), evaluation and logging cadence, seed
-* ``checkpoint`` cadence, retention, resume (``auto``: from the newest complete checkpoint, if any)
+* ``checkpoint`` cadence, retention, resume (``auto``: from the newest complete checkpoint, if any),
+                 format (``native`` / ``portable`` / ``both``: which layouts can resume it)
 * ``backend``    single | ddp | fsdp2 | deepspeed, process-group backend, DeepSpeed JSON
 * ``run``        output folder (metrics.jsonl, loss.png, resolved config, checkpoints)
 

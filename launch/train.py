@@ -18,7 +18,8 @@ one rank.
 Each run has its folder, ``runs/<run.name>-<optimizer>[-<backend>]`` (or ``run.dir``): ``config.yaml``
 (the resolved config), ``metrics.jsonl`` (appended by every attempt, never truncated), ``summary.json``,
 ``loss.png``, ``memory_report.json`` and ``checkpoints/``. A relaunch of the same command resumes from the
-newest complete checkpoint (``--resume auto``, the default; also under ``torchrun --max-restarts N``),
+newest complete checkpoint (``--resume auto``, the default; also under ``torchrun --max-restarts N``,
+and at another backend, world size or ZeRO stage through the portable format: ``checkpoint.format``),
 or says the run is complete; a folder or checkpoint of another run (other optimizer, model, data or
 schedule) is refused, never mixed. Ctrl-C stops with "interrupted at step N" and how to resume.
 

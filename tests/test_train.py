@@ -723,3 +723,20 @@ def test_portable_only_checkpoints_resume_bitwise_and_load_no_code(tmp_path, cap
     with pytest.raises(SystemExit):
         run_single(tmp_path / "other", *common, f"--checkpoint.resume={ck / 'step_00000006'}")
     assert "state.pt: refused" in capsys.readouterr().err and not marker.exists()
+
+
+def test_portable_format_refuses_a_model_with_state_outside_the_optimizer(tmp_path):
+    """The portable format holds what the optimizer steps; a model with a persistent buffer or a frozen
+    weight would resume without it, so the checkpoint write fails naming them (and nothing is committed)."""
+    import stateless_opt
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model.register_buffer("scale", torch.ones(2))
+    opt = stateless_opt.SWAN(stateless_opt.param_groups(model), lr=1e-3)
+    parts = ckpt.Parts(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), "single", 0, 1)
+    with pytest.raises(ckpt.CheckpointError, match=r"this model also has \['scale'\]"):
+        ckpt.save(tmp_path, 1, parts, {"optimizer": "swan"}, keep=1, formats=("native", "portable"))
+    assert ckpt.complete_checkpoints(tmp_path) == []
+    del model.scale
+    ckpt.save(tmp_path, 2, parts, {"optimizer": "swan"}, keep=1, formats=("native", "portable"))
+    assert ckpt.load(tmp_path / "step_00000002", parts) == 2
