@@ -289,9 +289,7 @@ def _save_native(out: Path, parts: Parts, shared: dict, per_rank: dict) -> None:
 
 
 def _read_native(path: Path, meta: dict, parts: Parts) -> None:
-    if not _native_loads(meta, layout_of(parts)):
-        raise CheckpointError(f"checkpoint {path} (native) was written at another layout "
-                              f"({', '.join(layout_changes(meta, layout_of(parts)))})")
+    """Nothing beyond the common files (DeepSpeed's engine reads its own, through ``safe_load``)."""
 
 
 def _apply_native(staged: "Staged", parts: Parts, *, optimizer_state: bool, scheduler_state: bool) -> bool:
@@ -525,16 +523,16 @@ def read(path: Path, parts: Parts) -> Staged:
 def refusal(path: Path, meta: dict, layout: dict) -> str:
     """Why no format of checkpoint ``path`` loads at ``layout``, and what to do instead."""
     formats = formats_of(meta)
-    saved = (f"backend={meta['backend']} with {_ranks(meta['world_size'])}"
+    saved = (f"backend={meta['backend']} with {rank_count(meta['world_size'])}"
              + (f", ZeRO stage {meta['zero_stage']}" if meta.get("zero_stage") is not None else ""))
     stage = f" and the DeepSpeed JSON of ZeRO stage {meta['zero_stage']}" if meta.get("zero_stage") is not None else ""
     return (f"checkpoint {path} holds only the {'/'.join(formats)} format ({FORMATS[formats[0]].what}), written by "
             f"{saved}; this run differs: {', '.join(layout_changes(meta, layout))}. Resume it with "
-            f"--backend {meta['backend']} on {_ranks(meta['world_size'])}{stage}; to move a run to another layout, "
+            f"--backend {meta['backend']} on {rank_count(meta['world_size'])}{stage}; to move a run to another layout, "
             "write its checkpoints with --checkpoint.format=both (or portable; the default for swan, sinkgd, sgdsai)")
 
 
-def _ranks(n: int) -> str:
+def rank_count(n: int) -> str:
     return f"{n} rank" + ("" if n == 1 else "s")
 
 

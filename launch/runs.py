@@ -108,12 +108,14 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
     if diffs:
         notes.append(f"checkpoint.allow_changes: this config differs from the checkpoint's ({'; '.join(diffs)})")
     moved = ckpt.layout_changes(meta, here)
-    if moved and meta.get("optimizer") != cfg.optimizer.name:
+    if fmt == "portable" and meta.get("optimizer") != cfg.optimizer.name:
+        native = "native" in ckpt.formats_of(meta)
         raise UserError(
-            f"checkpoint {path} was written by {meta.get('optimizer')} at another layout ({', '.join(moved)}): "
-            f"its weights can go to {cfg.optimizer.name} only at its own layout (native format; the portable one "
-            f"loads into the optimizer that wrote it): resume it with --backend {meta['backend']} on "
-            f"{ckpt._ranks(meta['world_size'])}, or keep --optimizer {meta.get('optimizer')}"
+            f"checkpoint {path} was written by {meta.get('optimizer')}; its portable format loads into that optimizer "
+            f"only, so --optimizer {cfg.optimizer.name} cannot take its weights here"
+            + (f" ({', '.join(moved)}): relaunch with --backend {meta['backend']} on "
+               f"{ckpt.rank_count(meta['world_size'])} (its native format gives the weights to another optimizer), or"
+               if native else ":") + f" keep --optimizer {meta.get('optimizer')}"
         )
     if moved:
         notes.append(f"resuming at another layout ({', '.join(moved)}) from the {fmt} format")

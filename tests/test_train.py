@@ -715,6 +715,10 @@ def test_portable_only_checkpoints_resume_bitwise_and_load_no_code(tmp_path, cap
     assert "at step 6 (portable format)" in capsys.readouterr().out
     assert resumed["train_losses"] == full["train_losses"][6:] and resumed["final_val_loss"] == full["final_val_loss"]
     assert_same_checkpoint(ck / "step_00000008", tmp_path / "resumed" / "checkpoints" / "step_00000008")
+    with pytest.raises(SystemExit):  # weights only into another optimizer: the portable format cannot
+        run_single(tmp_path / "other", *common, "--optimizer=swan", "--checkpoint.allow_changes=true",
+                   f"--checkpoint.resume={ck / 'step_00000006'}")
+    assert "its portable format loads into that optimizer only" in capsys.readouterr().err
 
     state = torch.load(ck / "step_00000006" / "state.pt", weights_only=True)
     marker = tmp_path / "code_ran"
