@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
     new = dump(cfg)
     hint = "pick another --run.name (or --run.dir), or --run.overwrite=true to delete it and start over"
     if path is None:
+        notes += _other_backends(cfg)
         if existing:  # resume=never
             raise UserError(f"{ck_dir} holds checkpoints up to {existing[-1].name}; --resume never would overwrite "
                             f"them: {hint}")
@@ -124,6 +126,18 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
         raise UserError(f"{path} is older than {newer[-1]} in the same folder; continuing from it would overwrite the "
                         f"newer checkpoints: resume into another --run.dir, or delete {', '.join(p.name for p in newer)}")
     return path, notes
+
+
+def _other_backends(cfg) -> list[str]:
+    """The default folder names the backend, so a relaunch with another ``--backend`` starts a new run;
+    say where this run name's checkpoints of other backends are, and how to continue one of them."""
+    if cfg.run.dir or cfg.checkpoint.dir:
+        return []
+    names = typing.get_args(type(cfg.backend).model_fields["name"].annotation)
+    folders = [cfg.model_copy(update={"backend": cfg.backend.model_copy(update={"name": b})}).run_dir for b in names]
+    return [f"{f} holds checkpoints of this run name under another backend; to continue that run here, relaunch with "
+            f"--run.dir {f} (the default folder names the backend)"
+            for f in folders if f != cfg.run_dir and ckpt.complete_checkpoints(f / "checkpoints")]
 
 
 def layout(cfg, world: int) -> dict:

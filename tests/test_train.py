@@ -696,6 +696,13 @@ def test_native_only_checkpoint_refused_at_another_layout(tmp_path, monkeypatch,
     with pytest.raises(T.UserError, match=r"this run differs: backend single -> ddp, ranks 1 -> 2\. Resume it"):
         R.plan(cfg, world=2)
     assert sorted(p.name for p in (run / "checkpoints" / "step_00000004").iterdir()) == written
+    # the default folder names the backend: a relaunch with another one starts anew, told where the run is
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run, tmp_path / "runs" / "quickstart-swan")
+    cfg, _ = T.parse_args([*QUICK, "--backend=fsdp2"])
+    assert R.plan(cfg, world=1) == (None, [
+        "runs/quickstart-swan holds checkpoints of this run name under another backend; to continue that run here, "
+        "relaunch with --run.dir runs/quickstart-swan (the default folder names the backend)"])
     with pytest.raises(ConfigError, match="checkpoint.format=portable: the portable checkpoint holds stateless_opt"):
         load_config("configs/quickstart.yaml", {"optimizer.name": "adamw", "checkpoint.format": "portable"})
 
