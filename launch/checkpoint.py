@@ -345,8 +345,12 @@ def _save_portable(out: Path, parts: Parts, shared: dict, per_rank: dict) -> Non
         folder = portable.save_portable(_module(parts), parts.optimizer, out / PORTABLE)
     except portable.CheckpointError as err:
         raise CheckpointError(f"checkpoint.format portable: {err}") from None
-    outside = _outside(parts, set(json.loads((folder / portable.INDEX).read_text())["weights"]))
-    if outside:  # every rank read the same index: all raise together
+    box = [_outside(parts, set(json.loads((folder / portable.INDEX).read_text())["weights"]))
+           if parts.rank == 0 else None]
+    if dist.is_initialized() and parts.world > 1:
+        dist.broadcast_object_list(box, src=0)  # rank 0's verdict: every rank raises, or none
+    outside = box[0]
+    if outside:
         raise CheckpointError(f"checkpoint.format portable holds the weights the optimizer steps; this model also has "
                               f"{outside[:6]} (buffers or frozen weights), which a resume would lose: use "
                               "--checkpoint.format=native")
