@@ -722,6 +722,13 @@ def test_portable_only_checkpoints_resume_bitwise_and_load_no_code(tmp_path, cap
     assert "at step 6 (portable format)" in capsys.readouterr().out
     assert resumed["train_losses"] == full["train_losses"][6:] and resumed["final_val_loss"] == full["final_val_loss"]
     assert_same_checkpoint(ck / "step_00000008", tmp_path / "resumed" / "checkpoints" / "step_00000008")
+    # at 2 ranks, the same run is the same global batch (batch_size x ranks), not the same per-rank batch
+    cfg, _ = T.parse_args([*QUICK, *common, f"--run.dir={tmp_path / 'full'}", "--backend=ddp", "--training.batch_size=2"])
+    assert R.plan(cfg, world=2) == (ck / "step_00000008", [
+        "resuming at another layout (backend single -> ddp, ranks 1 -> 2) from the portable format"])
+    cfg, _ = T.parse_args([*QUICK, *common, f"--run.dir={tmp_path / 'full'}", "--backend=ddp"])
+    with pytest.raises(T.UserError, match=r"another run \(training.batch_size x ranks: 4 -> 8\)"):
+        R.plan(cfg, world=2)
     with pytest.raises(SystemExit):  # weights only into another optimizer: the portable format cannot
         run_single(tmp_path / "other", *common, "--optimizer=swan", "--checkpoint.allow_changes=true",
                    f"--checkpoint.resume={ck / 'step_00000006'}")
