@@ -561,10 +561,13 @@ def metrics_file(run_dir: str | Path) -> Path:
 
 
 def _rows(run_dir) -> list[dict]:
+    """The records that count (launch/runs.py: an attempt killed and rerun appends; its lost steps drop)."""
+    from launch.runs import read_metrics as records
+
     path = metrics_file(run_dir) if run_dir else None
     if not path or not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records(path)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[tuple[int, int, float]], int]:

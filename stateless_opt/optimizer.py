@@ -75,6 +75,11 @@ class StatelessOptimizer(torch.optim.Optimizer):
     config_cls: type
     uses_rules = True  # SWAN/SinkGD split matrix vs fallback; SGD-SaI is elementwise on everything
     host_state: frozenset = frozenset()  # state keys kept on the host in fp32 (read there every step)
+    # state keys holding one value per weight of the stepped tensor (indexed by ``WeightShard.unit_index``;
+    # a ZeRO partition holds many weights): the portable checkpoint stores them per weight
+    weight_state: frozenset = frozenset()
+    # state keys holding one value per stepped tensor, whatever its shape (the AdamW fallback's counter)
+    tensor_state: frozenset = frozenset({"step"})
 
     def __init__(self, params: Iterable, lr: float, *, replicate_group=None, **hyperparameters):
         name = type(self).__name__
@@ -350,12 +355,26 @@ class StatelessOptimizer(torch.optim.Optimizer):
         return gen
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """torch's, plus an empty entry for every tensor that keeps no state (SWAN/SinkGD matrix weights,
+        the stateless fallback, a weight not stepped yet): ``torch.distributed.checkpoint``'s strict
+        load (``set_state_dict`` with default options) takes a tensor without an entry for one whose
+        state was lost, and refuses the checkpoint."""
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            for i in g["params"]:
+                sd["state"].setdefault(i, {})
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts every floating state tensor to its parameter's dtype on load; ours are fp32 by
         design (fallback moments of bf16 weights, SGD-SaI scales), so restore their saved dtype. Where
-        the gradients are replicated is a fact of this run, not of the checkpoint: it is kept."""
+        the gradients are replicated is a fact of this run, not of the checkpoint: it is kept. The
+        empty entries of stateless tensors (``state_dict``) are dropped: such a tensor has no state."""
         live_replicas = [g.get("replicate_group") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for p in [p for p, st in self.state.items() if not st]:
+            del self.state[p]
         for g, ref in zip(self.param_groups, live_replicas):
             g["replicate_group"] = ref
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

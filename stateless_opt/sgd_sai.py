@@ -108,6 +108,7 @@ class SGDSaI(StatelessOptimizer):
     config_cls = SGDSaIConfig
     uses_rules = False
     host_state = frozenset({"gsnr"})  # one fp32 scale per weight, read on the host every step
+    weight_state = frozenset({"gsnr"})
 
     def __init__(self, params, lr: float = 1e-2, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
