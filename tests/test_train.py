@@ -65,23 +65,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def readme_command(backend: str) -> list[str]:
-    """The README's torchrun line for ``backend`` (its "Backends" block, run here as the reference runs)."""
+def readme_command(ending: str) -> list[str]:
+    """The README's torchrun line ending with ``ending`` (``--backend ddp``: its "Backends" block; ``--tp 2``:
+    the tensor-parallel section), run here as the reference runs."""
     import shlex
 
     from test_readme import blocks
 
-    block = next(code for marker, _, code in blocks() if marker == "readme: run by tests/test_train.py")
-    line = next(ln for ln in block.splitlines() if ln.endswith(f"--backend {backend}"))
+    lines = [ln for marker, _, code in blocks() if marker == "readme: run by tests/test_train.py"
+             for ln in code.splitlines()]
+    line = next(ln for ln in lines if ln.endswith(ending))
     cmd = shlex.split(line)
     assert cmd[0] == "torchrun" and "--nproc-per-node" in cmd, line
     return [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
 
 
 def torchrun(tmp: Path, backend: str, *extra: str, nproc: int = 2, via_script: bool = False,
-             crash_plan: str | None = None, readme: bool = False) -> subprocess.CompletedProcess:
+             crash_plan: str | None = None, readme: bool | str = False) -> subprocess.CompletedProcess:
     """A 2-rank run; with ``crash_plan``, killed at its points and restarted by torchrun each time; with
-    ``readme``, the README's command for the backend with the tiny-run flags after it."""
+    ``readme``, the README's command for the backend (or the one ending with ``readme``, a string) with
+    the tiny-run flags after it."""
     args = [*QUICK, f"--run.dir={tmp}", f"--backend={backend}", f"--training.batch_size={4 // nproc}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     restarts = "0"
@@ -90,7 +93,8 @@ def torchrun(tmp: Path, backend: str, *extra: str, nproc: int = 2, via_script: b
         env.update(STATELESS_OPT_CRASH_PLAN=crash_plan,
                    PYTHONPATH=os.pathsep.join([str(FAULTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if readme:
-        cmd = [*readme_command(backend), *args]
+        cmd = readme_command(readme if isinstance(readme, str) else f"--backend {backend}")
+        cmd = [*cmd[:3], f"--max-restarts={restarts}", *cmd[3:], *args]
     elif via_script:  # launch/multinode.sh, one node, static rendezvous on a free port
         env.update(NNODES="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                    NPROC_PER_NODE=str(nproc), PYTHON=sys.executable, MAX_RESTARTS=restarts)
@@ -390,9 +394,9 @@ def test_deepspeed_zero2_two_ranks(single_reference, reference_runs):
 
 
 def test_fsdp2_tp_two_ranks_matches_one_process_and_resumes_after_a_kill(single_reference, tmp_path):
-    """``--backend fsdp2 --tp 2`` on 2 ranks (one TP group: tensor parallelism alone, the same global
-    batch of 4 as the one-process run), killed in step 7 (rank 1) and restarted by torchrun, which resumes
-    from checkpoint 4 (``--resume auto``); one launch, to spare the suite a second one.
+    """The README's ``--backend fsdp2 --tp 2`` line on 2 ranks (one TP group: tensor parallelism alone,
+    the same global batch of 4 as the one-process run), killed in step 7 (rank 1) and restarted by
+    torchrun, which resumes from checkpoint 4 (``--resume auto``); one launch, to spare the suite a second.
     * it trains as the one-process run: the losses agree within 2e-3 (the rowwise layers add partial
       products over the TP ranks: another fp32 summation order, as under FSDP2), all finite;
     * the resume is exact: steps 5 and 6 and the validation at 6, run by both attempts, are bitwise
@@ -400,7 +404,7 @@ def test_fsdp2_tp_two_ranks_matches_one_process_and_resumes_after_a_kill(single_
     * each rank holds half of every weight but the norms, and the memory report names the layout."""
     run = tmp_path / "run"
     proc = torchrun(run, "fsdp2", *TWO_RANKS, "--tp", "2", "--training.batch_size=4",  # global batch 4
-                    crash_plan="0:mid_step:7:1")
+                    crash_plan="0:mid_step:7:1", readme="--backend fsdp2 --tp 2")
     assert (proc.stdout + proc.stderr).count("[crash plan]") == 1
     assert [x["step"] for x in R.read_starts(run / "metrics.jsonl")] == [0, 4]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # both attempts
