@@ -447,6 +447,25 @@ def test_tp_config_errors_name_the_field(monkeypatch, capsys):
     assert "error: backend.tp=4 does not divide the world size 2" in capsys.readouterr().err
 
 
+
+def test_checkpoint_of_another_tp_is_refused(tmp_path):
+    """A checkpoint's shards are this rank's pieces at its tp: resuming at another tp is another run
+    (``backend.tp: 2 -> 1``), and even with ``allow_changes`` the layout is refused by name."""
+    from launch.config import UserError, dump
+
+    written = load_config("configs/quickstart.yaml", {"backend.name": "fsdp2", "backend.tp": 2})
+    step = ckpt.step_dir(tmp_path, 4)
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"format": "native", "step": 4, "world_size": 2, "backend": "fsdp2",
+                                                "tp": 2, "config": dump(written)}))
+    refusals = (({}, r"backend.tp: 2 -> 1"),
+                ({"checkpoint.allow_changes": True}, r"with 2 ranks, tp 2; this run is backend=fsdp2 with 2, tp 1"))
+    for extra, match in refusals:
+        cfg = load_config("configs/quickstart.yaml", {"backend.name": "fsdp2", "checkpoint.dir": str(tmp_path), **extra})
+        with pytest.raises(UserError, match=match):
+            R.plan(cfg, 2)
+
+
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2", "deepspeed"])
 def test_killed_three_times_ends_bitwise_equal(backend, reference_runs, tmp_path):
     ref = reference_runs(backend)
