@@ -25,9 +25,10 @@ of its plain data classes allow-listed), so a checkpoint from someone else canno
 carries any other pickled object is refused with an error naming the file. ``meta.json`` is JSON.
 
 **Formats**: ``meta.json["format"]`` names how the state was laid out; ``FORMATS`` maps it to its
-writer, reader and applier. ``native`` is each rank's own shards, so it resumes at the same backend, world size and tp only. A
-portable format (optimizer state by parameter name, any backend and world size) plugs in as another
-entry, with ``can_load`` deciding which format a resume at another layout needs.
+writer, reader and applier. ``native`` is each rank's own shards, so it resumes at the same backend,
+world size and tp only. A portable format (optimizer state by parameter name, any backend and world
+size) plugs in as another entry, with ``can_load`` deciding which format a resume at another layout
+needs.
 """
 
 from __future__ import annotations

@@ -193,7 +193,8 @@ def apply_tp(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
     }
     for i in range(len(model.model.layers)):
         block = f"model.layers.{i}"
-        plan |= {f"{block}.input_layernorm": ReplicatedWeights(), f"{block}.post_attention_layernorm": ReplicatedWeights(),
+        plan |= {f"{block}.input_layernorm": ReplicatedWeights(),
+                 f"{block}.post_attention_layernorm": ReplicatedWeights(),
                  **{f"{block}.self_attn.{w}": colwise for w in ("q_proj", "k_proj", "v_proj")},
                  f"{block}.self_attn.o_proj": rowwise,
                  **{f"{block}.mlp.{w}": ColwiseParallel(use_local_output=False) for w in ("gate_proj", "up_proj")},
@@ -647,7 +648,8 @@ class Trainer:
         cfg = self.cfg
         return stateless_opt.memory_report(
             self.model, self.optimizer,
-            backend="auto" if cfg.backend.name == "deepspeed" or cfg.backend.tp > 1 else cfg.backend.name,  # tp, fsdp2_tp
+            # auto: DeepSpeed's stage, and tp / fsdp2_tp under tensor parallelism
+            backend="auto" if cfg.backend.name == "deepspeed" or cfg.backend.tp > 1 else cfg.backend.name,
             print_table=False, json_path=str(self.run_dir / "memory_report.json") if self.is_main else None,
         )
 

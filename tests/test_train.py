@@ -461,7 +461,8 @@ def test_checkpoint_of_another_tp_is_refused(tmp_path):
     refusals = (({}, r"backend.tp: 2 -> 1"),
                 ({"checkpoint.allow_changes": True}, r"with 2 ranks, tp 2; this run is backend=fsdp2 with 2, tp 1"))
     for extra, match in refusals:
-        cfg = load_config("configs/quickstart.yaml", {"backend.name": "fsdp2", "checkpoint.dir": str(tmp_path), **extra})
+        cfg = load_config("configs/quickstart.yaml",
+                          {"backend.name": "fsdp2", "checkpoint.dir": str(tmp_path), **extra})
         with pytest.raises(UserError, match=match):
             R.plan(cfg, 2)
 
