@@ -25,9 +25,10 @@ of its plain data classes allow-listed), so a checkpoint from someone else canno
 carries any other pickled object is refused with an error naming the file. ``meta.json`` is JSON.
 
 **Formats**: ``meta.json["format"]`` names how the state was laid out; ``FORMATS`` maps it to its
-writer, reader and applier. ``native`` is each rank's own shards, so it resumes at the same backend and world size only. A
-portable format (optimizer state by parameter name, any backend and world size) plugs in as another
-entry, with ``can_load`` deciding which format a resume at another layout needs.
+writer, reader and applier. ``native`` is each rank's own shards, so it resumes at the same backend,
+world size and tp only. A portable format (optimizer state by parameter name, any backend and world
+size) plugs in as another entry, with ``can_load`` deciding which format a resume at another layout
+needs.
 """
 
 from __future__ import annotations
@@ -231,6 +232,7 @@ class Parts:
     rank: int
     world: int
     engine: Any = None
+    tp: int = 1  # tensor-parallel degree (backend fsdp2): each rank's shards depend on it
 
 
 # --------------------------------------------------------------------------- the native format
@@ -252,10 +254,11 @@ def _save_native(out: Path, step: int, parts: Parts) -> None:
 
 def _read_native(path: Path, meta: dict, parts: Parts) -> dict[str, Any]:
     """This rank's files, safely loaded (nothing is applied yet)."""
-    if meta["backend"] != parts.backend or meta["world_size"] != parts.world:
+    if not _same_layout(meta, parts):
         raise CheckpointError(
-            f"checkpoint {path} was written by backend={meta['backend']} with {meta['world_size']} ranks; this run "
-            f"is backend={parts.backend} with {parts.world}: resume with the same backend and world size"
+            f"checkpoint {path} was written by backend={meta['backend']} with {meta['world_size']} ranks, tp "
+            f"{meta.get('tp', 1)}; this run is backend={parts.backend} with {parts.world}, tp {parts.tp}: resume with "
+            "the same backend, world size and tp"
         )
     return {"shared": safe_load(path / "state.pt"), "rank": safe_load(path / f"rank{parts.rank:05d}.pt")}
 
@@ -307,9 +310,12 @@ class Format:
     can_load: Callable[[dict, Parts], bool]
 
 
+def _same_layout(meta: dict, parts: Parts) -> bool:
+    return (meta["backend"], meta["world_size"], meta.get("tp", 1)) == (parts.backend, parts.world, parts.tp)
+
+
 FORMATS: dict[str, Format] = {
-    "native": Format(_save_native, _read_native, _apply_native,
-                     lambda meta, parts: meta["backend"] == parts.backend and meta["world_size"] == parts.world),
+    "native": Format(_save_native, _read_native, _apply_native, _same_layout),
 }
 
 
@@ -349,7 +355,7 @@ def save(root: Path, step: int, parts: Parts, meta_extra: dict, *, keep: int, fm
     _barrier()
     if parts.rank == 0:
         meta = {"format": fmt, "version": VERSION, "step": step, "world_size": parts.world, "backend": parts.backend,
-                **meta_extra}
+                "tp": parts.tp, **meta_extra}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1))
         _fsync(partial / "meta.json")
         _fsync_dir(partial)

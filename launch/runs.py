@@ -103,10 +103,11 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
         )
     if diffs:
         notes.append(f"checkpoint.allow_changes: this config differs from the checkpoint's ({'; '.join(diffs)})")
-    if meta["backend"] != cfg.backend.name or meta["world_size"] != world:
+    if (meta["backend"], meta["world_size"], meta.get("tp", 1)) != (cfg.backend.name, world, cfg.backend.tp):
         raise UserError(
-            f"checkpoint {path} was written by backend={meta['backend']} with {meta['world_size']} ranks; this run is "
-            f"backend={cfg.backend.name} with {world}: resume with the same backend and world size"
+            f"checkpoint {path} was written by backend={meta['backend']} with {meta['world_size']} ranks, tp "
+            f"{meta.get('tp', 1)}; this run is backend={cfg.backend.name} with {world}, tp {cfg.backend.tp}: resume "
+            "with the same backend, world size and tp"
         )
     newer = [p for p in existing if p.name > path.name]
     if newer and path.resolve().parent == ck_dir.resolve():
