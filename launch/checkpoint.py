@@ -1,10 +1,10 @@
 """Checkpoints of launch/train.py: written atomically, found again after any crash, loaded without
-running code, resumable at another backend, world size or ZeRO stage.
+running code, resumable at another backend, world size, ZeRO stage or tp.
 
 One checkpoint is a folder ``<checkpoint dir>/step_00000050/``::
 
-    meta.json      formats, step, layout (backend, world size, ZeRO stage), optimizer, training time so
-                   far, resolved config
+    meta.json      formats, step, layout (backend, world size, ZeRO stage, tp), optimizer, training
+                   time so far, resolved config
     state.pt       rank 0: step and LR scheduler (+ DeepSpeed's step counters); native single/DDP also
                    the model and optimizer (identical on every rank there)
     rank00000.pt   every rank: its RNG states; native FSDP2 also this rank's model and optimizer shards
@@ -14,7 +14,7 @@ One checkpoint is a folder ``<checkpoint dir>/step_00000050/``::
                    state and the weights it steps (fp32 masters under ZeRO), by parameter name
 
 **Formats** (``checkpoint.format``; ``FORMATS``): ``native`` is each rank's own shards, so it resumes
-at the same backend, world size and ZeRO stage only; ``portable`` resumes at any (each rank reads the
+at the same backend, world size, ZeRO stage and tp only; ``portable`` resumes at any (each rank reads the
 rectangles it holds). ``both`` writes the two; a resume takes the first of a checkpoint's formats whose
 ``can_load`` accepts this run's layout (native where it can: the engine's own, exact, usable by
 DeepSpeed's tools). The step, LR scheduler and RNG (the data order is a function of the step) are
@@ -237,19 +237,24 @@ class Parts:
     rank: int
     world: int
     engine: Any = None
+    tp: int = 1  # tensor-parallel degree (backend fsdp2): each rank's shards depend on it
 
 
 def layout_of(parts: Parts) -> dict[str, Any]:
-    """Where a run's state lives: backend, world size and ZeRO stage (None without DeepSpeed)."""
+    """Where a run's state lives: backend, world size, ZeRO stage (None without DeepSpeed) and tp."""
     stage = parts.engine.zero_optimization_stage() if parts.engine is not None else None
-    return {"backend": parts.backend, "world_size": parts.world, "zero_stage": stage}
+    return {"backend": parts.backend, "world_size": parts.world, "zero_stage": stage, "tp": parts.tp}
+
+
+_LAYOUT = (("backend", "backend"), ("world_size", "ranks"), ("zero_stage", "ZeRO stage"), ("tp", "tp"))
 
 
 def layout_changes(meta: dict, layout: dict) -> list[str]:
     """What differs between the layout a checkpoint was written at and ``layout``: ``"ranks 2 -> 1"``."""
     out = []
-    for key, label in (("backend", "backend"), ("world_size", "ranks"), ("zero_stage", "ZeRO stage")):
-        saved = meta.get(key, layout[key])  # a checkpoint of before zero_stage was recorded: the same
+    for key, label in _LAYOUT:
+        # a checkpoint of before zero_stage / tp were recorded: no DeepSpeed stage to compare, tp 1
+        saved = meta.get(key, 1 if key == "tp" else layout[key])
         if saved != layout[key]:
             out.append(f"{label} {'none' if saved is None else saved} -> {'none' if layout[key] is None else layout[key]}")
     return out
@@ -416,11 +421,15 @@ class Format:
     what: str
 
 
+def _same_layout(meta: dict, parts: Parts) -> bool:
+    return (meta["backend"], meta["world_size"], meta.get("tp", 1)) == (parts.backend, parts.world, parts.tp)
+
+
 FORMATS: dict[str, Format] = {
     "native": Format(_save_native, _read_native, _apply_native, _native_loads,
-                     "each rank's own shards: the same backend, world size and ZeRO stage"),
+                     "each rank's own shards: the same backend, world size, ZeRO stage and tp"),
     "portable": Format(_save_portable, _read_portable, _apply_portable, lambda meta, layout: True,
-                       "by parameter name: any backend, world size and ZeRO stage"),
+                       "by parameter name: any backend, world size, ZeRO stage and tp"),
 }
 
 
@@ -528,8 +537,10 @@ def refusal(path: Path, meta: dict, layout: dict) -> str:
     """Why no format of checkpoint ``path`` loads at ``layout``, and what to do instead."""
     formats = formats_of(meta)
     saved = (f"backend={meta['backend']} with {rank_count(meta['world_size'])}"
-             + (f", ZeRO stage {meta['zero_stage']}" if meta.get("zero_stage") is not None else ""))
+             + (f", ZeRO stage {meta['zero_stage']}" if meta.get("zero_stage") is not None else "")
+             + (f", tp {meta['tp']}" if meta.get("tp", 1) > 1 else ""))
     stage = f" and the DeepSpeed JSON of ZeRO stage {meta['zero_stage']}" if meta.get("zero_stage") is not None else ""
+    stage += f" --tp {meta['tp']}" if meta.get("tp", 1) > 1 else ""
     return (f"checkpoint {path} holds only the {'/'.join(formats)} format ({FORMATS[formats[0]].what}), written by "
             f"{saved}; this run differs: {', '.join(layout_changes(meta, layout))}. Resume it with "
             f"--backend {meta['backend']} on {rank_count(meta['world_size'])}{stage}; to move a run to another layout, "

@@ -101,7 +101,8 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
     fmt = ckpt.choose(meta, here)
     if fmt is None:
         raise UserError(ckpt.refusal(path, meta, here))
-    diffs = run_differences(meta.get("config", {}), new, worlds=(int(meta["world_size"]), world))
+    diffs = run_differences(meta.get("config", {}), new,
+                            worlds=(int(meta["world_size"]) // int(meta.get("tp", 1)), world // cfg.backend.tp))
     if diffs and not cfg.checkpoint.allow_changes:
         raise UserError(
             f"checkpoint {path} was written by another run ({'; '.join(diffs[:6])}); resuming it would mix the two: "
@@ -134,7 +135,9 @@ def _other_backends(cfg) -> list[str]:
     if cfg.run.dir or cfg.checkpoint.dir:
         return []
     names = typing.get_args(type(cfg.backend).model_fields["name"].annotation)
-    folders = [cfg.model_copy(update={"backend": cfg.backend.model_copy(update={"name": b})}).run_dir for b in names]
+    folders = [cfg.model_copy(update={"backend": cfg.backend.model_copy(update={"name": b, "tp": 1})}).run_dir
+               for b in names]
+    folders += sorted(Path("runs").glob(f"{cfg.run.name}-{cfg.optimizer.name}-fsdp2-tp*"))  # --tp N's folders
     return [f"{f} holds checkpoints of this run name under another backend; to continue that run here, relaunch with "
             f"--run.dir {f} (the default folder names the backend)"
             for f in folders if f != cfg.run_dir and ckpt.complete_checkpoints(f / "checkpoints")]
@@ -148,7 +151,7 @@ def layout(cfg, world: int) -> dict:
             stage = int(json.loads(cfg.deepspeed_config_path().read_text()).get("zero_optimization", {}).get("stage", 0))
         except (OSError, ValueError, AttributeError):
             stage = None  # deepspeed_json reports a broken JSON with its field name, later
-    return {"backend": cfg.backend.name, "world_size": world, "zero_stage": stage}
+    return {"backend": cfg.backend.name, "world_size": world, "zero_stage": stage, "tp": cfg.backend.tp}
 
 
 def clean_partials(ck_dir: Path) -> None:
