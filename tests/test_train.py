@@ -405,7 +405,8 @@ def test_fsdp2_tp_two_ranks_matches_one_process_and_resumes_after_a_kill(single_
       products over the TP ranks: another fp32 summation order, as under FSDP2), all finite;
     * the resume is exact: steps 5 and 6 and the validation at 6, run by both attempts, are bitwise
       equal (step 6's loss follows step 5's update, so it reads the restored fallback moments);
-    * each rank holds half of every weight but the norms, and the memory report names the layout."""
+    * each rank holds half of every weight but the norms, and the memory report names the layout;
+    * its folder relaunched as FSDP2 in one process resumes from the portable format and continues."""
     run = tmp_path / "run"
     proc = torchrun(run, "fsdp2", *TWO_RANKS, "--tp", "2", "--training.batch_size=4",  # global batch 4
                     crash_plan="0:mid_step:7:1", readme="--backend fsdp2 --tp 2")
