@@ -196,10 +196,9 @@ class StatelessOptimizer(torch.optim.Optimizer):
         for i, g in enumerate(self.param_groups):
             where = f"{name} param group {i} (before step {g.get('step', 0) + 1})"
             values = tuple(g.get(k) for k in keys)
-            try:
-                same = self._validated.get(id(g)) == values
-            except (RuntimeError, TypeError):  # a tensor value: validate it
-                same = False
+            last = self._validated.get(id(g))
+            # types first: a tensor written over a float compares equal to it (0.01 == tensor(0.01))
+            same = last is not None and all(type(a) is type(b) for a, b in zip(last, values)) and last == values
             if not same:
                 validate_group(self.config_cls, g, where, unknown_keys=True)
                 if self.uses_rules:

@@ -141,20 +141,29 @@ def test_param_group_with_lrscheduler_goes_right_direction(row):
 @rows()
 def test_tensor_lr(row):
     # a one-element tensor lr is read as its number (the group holds a float: schedulers and the step
-    # read it on the host); the run equals the float lr's up to the lr's fp32 rounding (5e-8 relative),
-    # which the whitening's iterations amplify to a few fp32 ulps of the weights
+    # read it on the host), wherever it enters: the constructor, a param group, or written into a group
+    # between steps (as a scheduler or user code may). Each run equals the float lr's up to the lr's
+    # fp32 rounding (5e-8 relative), which the whitening's iterations amplify to a few fp32 ulps of the
+    # weights: torch's default fp32 tolerance, as its test_tensor_lr
     for kw in row.inputs:
         runs = []
-        for lr in (kw["lr"], torch.tensor(kw["lr"])):
+        for how in ("float", "constructor", "group", "written"):
             weight, bias, inp = _toy()
-            opt = row.make([weight, bias], **{**kw, "lr": lr})
-            assert type(opt.param_groups[0]["lr"]) is float
+            lr = kw["lr"] if how == "float" else torch.tensor(kw["lr"])
+            if how == "group":
+                opt = row.make([{"params": [weight, bias], "lr": lr}], **kw)
+            else:
+                opt = row.make([weight, bias], **{**kw, "lr": lr if how == "constructor" else kw["lr"]})
             for _ in range(5):
+                if how == "written":
+                    opt.param_groups[0]["lr"] = torch.tensor(kw["lr"])
                 _fwd_bwd(opt, weight, bias, inp)
                 opt.step()
+                assert type(opt.param_groups[0]["lr"]) is float, how
             runs.append((weight.detach(), bias.detach()))
-        for a, b in zip(*runs):
-            torch.testing.assert_close(a, b)  # torch's default fp32 tolerance, as its test_tensor_lr
+        for run in runs[1:]:
+            for a, b in zip(runs[0], run):
+                torch.testing.assert_close(a, b)
 
 
 @rows()
@@ -306,11 +315,17 @@ def test_can_load_older_state_dict(row):
             _model_step(opt, model, inp)
         old = copy.deepcopy(opt.state_dict())
         for g in old["param_groups"]:
-            for flag in ("replicate_group", "skipped_steps", "rule", "batch_dims"):
+            for flag in ("replicate_group", "step", "skipped_steps", "rule", "batch_dims"):
                 g.pop(flag, None)
         opt.load_state_dict(old)
         _model_step(opt, model, inp)
         assert all(torch.isfinite(p).all() for p in model.parameters())
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        model(inp).sum().backward()
+        model[0].weight.grad[0, 0] = math.nan  # the skip counter the old dict lacked still counts
+        opt.step()
+        assert opt.skipped_steps == 1 and _same(before, [p.detach() for p in model.parameters()])
 
 
 @rows()
