@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .collectives import Collectives, group_ref
 from .config import validate, validate_group
-from .fallback import adamw_fallback, adamw_state, stateless_fallback
+from .fallback import ROW_FLOORS, adamw_fallback, adamw_state, stateless_fallback
 from .layouts import (
     Layout, MatrixFragment, WeightShard, attach_peaks, batch_runs, default_layouts, matrix_shape, split_matrices,
     tensor_batch_dims, true_shape, write_back_staged,
@@ -52,6 +52,11 @@ class StateSize(NamedTuple):
     per_tensor: int = 0
     per_weight: int = 0
     scalars_on_host: bool = True
+
+
+# The AdamW fallback's state (SWAN/SinkGD's fallback groups, SGD-SaI's opt-in one): two fp32 moments
+# per element, a 4-byte step counter per tensor (on the host).
+ADAMW_FALLBACK_STATE = StateSize(per_element=8.0, per_tensor=4)
 
 
 @dataclass
@@ -91,6 +96,11 @@ class StatelessOptimizer(torch.optim.Optimizer):
     # any other dtype is refused, naming the tensor, at construction and before a step.
     param_dtypes: frozenset = frozenset({torch.float32, torch.bfloat16, torch.float16})
     dtype_note = ""  # why the others are refused (appended to the error)
+    # state keys holding one value per weight of the stepped tensor (indexed by ``WeightShard.unit_index``;
+    # a ZeRO partition holds many weights): the portable checkpoint stores them per weight
+    weight_state: frozenset = frozenset()
+    # state keys holding one value per stepped tensor, whatever its shape (the AdamW fallback's counter)
+    tensor_state: frozenset = frozenset({"step"})
 
     def __init__(self, params: Iterable, lr: float, *, replicate_group=None, **hyperparameters):
         name = type(self).__name__
@@ -455,14 +465,32 @@ class StatelessOptimizer(torch.optim.Optimizer):
         return gen
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """torch's, plus an empty entry for every tensor that keeps no state (SWAN/SinkGD matrix weights,
+        the stateless fallback, a weight not stepped yet): ``torch.distributed.checkpoint``'s strict
+        load (``set_state_dict`` with default options) takes a tensor without an entry for one whose
+        state was lost, and refuses the checkpoint."""
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            for i in g["params"]:
+                sd["state"].setdefault(i, {})
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts every floating state tensor to its parameter's dtype on load; ours are fp32 by
         design (fallback moments of bf16 weights, SGD-SaI scales), so restore their saved dtype. Where
-        the gradients are replicated is a fact of this run, not of the checkpoint: it is kept."""
-        live_replicas = [g.get("replicate_group") for g in self.param_groups]
+        the gradients are replicated is a fact of this run, not of the checkpoint: it is kept, and so is
+        every group key the checkpoint lacks (an older release's: torch would drop the live value, e.g.
+        the ``rule`` mark that decides a group's state). The empty entries of stateless tensors
+        (``state_dict``) are dropped: such a tensor has no state."""
+        live = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, ref in zip(self.param_groups, live_replicas):
-            g["replicate_group"] = ref
+        for p in [p for p, st in self.state.items() if not st]:
+            del self.state[p]
+        for g, old in zip(self.param_groups, live):
+            g["replicate_group"] = old.get("replicate_group")
+            for k, v in old.items():
+                g.setdefault(k, v)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -474,9 +502,6 @@ class StatelessOptimizer(torch.optim.Optimizer):
                     self.state[p][k] = v.detach().to("cpu", torch.float32).clone()
                 elif torch.is_tensor(v) and v.dtype == torch.float32 and self.state[p][k].dtype != torch.float32:
                     self.state[p][k] = v.to(device=self.state[p][k].device)
-        for g in self.param_groups:
-            g.setdefault("step", 0)
-            g.setdefault("skipped_steps", 0)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickling / deepcopy (a fresh object: default layouts, empty caches), and torch's
@@ -495,19 +520,22 @@ class StatelessOptimizer(torch.optim.Optimizer):
 class MatrixRuleOptimizer(StatelessOptimizer):
     """What SWAN and SinkGD share: matrix-rule groups go to the subclass's ``_matrix_update`` on matrix
     fragments (one call per run of fragments that share their collectives); fallback groups
-    (embeddings, LM head, 0-/1-D) take AdamW or the stateless row-wise rule at ``lr *
+    (embeddings, LM head, 0-/1-D) take AdamW or a stateless row-wise rule at ``lr *
     fallback_lr_ratio`` (applied here, so a scheduler writing one LR into every group keeps the ratio)."""
 
     uses_rules = True
     dtype_note = (" (the matrix rule computes in fp32, so a float64 weight is refused rather than silently "
                   "stepped in lower precision: cast with model.float())")
+    # which fragments share one ``_matrix_update`` call (layouts.batch_runs): the full signature where
+    # row/column statistics travel; "holders" where only whole matrices do (owners balanced over all)
+    run_by = "signature"
 
     @classmethod
     def state_size(cls, group: dict, element_bytes: int) -> StateSize:
         """0 on matrix-rule weights; the AdamW fallback's two fp32 moments and its host step counter
         (``group["rule"]``: the weight's rule, ``weight_rule``)."""
         if group.get("rule") == "fallback" and group.get("fallback", "adamw") == "adamw":
-            return StateSize(per_element=8.0, per_tensor=4)
+            return ADAMW_FALLBACK_STATE
         return StateSize()
 
     def weight_rule(self, group: dict, shape: tuple) -> str:
@@ -550,10 +578,11 @@ class MatrixRuleOptimizer(StatelessOptimizer):
             if group["fallback"] == "adamw":
                 adamw_fallback(self, group, fallback, lr)
             else:
-                stateless_fallback(self, group, [s for _, ss in fallback for s in ss], lr)
+                stateless_fallback(self, group, [s for _, ss in fallback for s in ss], lr,
+                                   ROW_FLOORS[group["fallback"]])
         batch_dims = group.get("batch_dims", 0)
         frags = [f for _, ss in matrix for s in ss for f in split_matrices(s, tensor_batch_dims(s.shape, batch_dims))]
-        for run in batch_runs(frags):
+        for run in batch_runs(frags, self.run_by):
             self._matrix_update(group, run, self._comm(run[0].weight), group["lr"])
 
     def _matrix_update(self, group: dict, frags: list[MatrixFragment], comm: Collectives, lr: float) -> None:

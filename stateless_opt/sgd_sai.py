@@ -12,6 +12,11 @@ instead of being frozen forever; a one-element tensor gets scale 1 (no spread to
 official code gives |g| / eps); scales are fp32 state that ``state_dict()`` carries, so a resume
 does not recompute them from a fresh gradient.
 
+Optional, and a departure from the paper (``fallback="adamw"``, ``fallback_lr_ratio``): param groups that
+``stateless_opt.param_groups`` marks ``rule="fallback"`` (embeddings, LM head, norms) take AdamW, or
+SGD-SaI at their own LR, at ``lr * fallback_lr_ratio``; SWAN/SinkGD's AdamW fallback does the step.
+Groups without that mark are SGD-SaI at ``lr``, as in the paper.
+
 Sharded: the g-SNR needs each weight's (sum, sum of squares) over all ranks: one all-reduce of
 scalars, once per weight (``gsnr_from_sums``); momentum lives on the local piece only. Fused paths:
 ``_fused_fp32_step``.
@@ -19,13 +24,16 @@ scalars, once per weight (``gsnr_from_sums``); momentum lives on the local piece
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
 from . import kernels
-from .config import OptimizerConfig
+from .config import AdamWFallbackConfig
+from .fallback import adamw_fallback, adamw_state
 from .layouts import local_views
-from .optimizer import StatelessOptimizer, StateSize
+from .optimizer import ADAMW_FALLBACK_STATE, StatelessOptimizer, StateSize
 
 
 # ====================================================================================== the rule
@@ -61,7 +69,7 @@ def gsnr_from_sums(total: torch.Tensor, total_sq: torch.Tensor, count: torch.Ten
 
 
 # ====================================================================================== the optimizer
-class SGDSaIConfig(OptimizerConfig):
+class SGDSaIConfig(AdamWFallbackConfig):
     """SGD-SaI (arXiv 2412.11768): momentum SGD with each tensor's LR scaled once by its g-SNR."""
 
     lr: float = Field(1e-2, ge=0.0, description="learning rate (the official default is a ViT setting)")
@@ -70,6 +78,14 @@ class SGDSaIConfig(OptimizerConfig):
     weight_decay: float = Field(1e-2, ge=0.0, description="decoupled weight decay, not scaled by g-SNR")
     max_normalized_gsnr: bool = Field(
         False, description="the paper's Alg. 1 variant: divide every g-SNR by the max over all tensors"
+    )
+    fallback: Literal["sgdsai", "adamw"] = Field(
+        "sgdsai",
+        description="rule for param groups marked rule='fallback' (stateless_opt.param_groups: embeddings, "
+        "LM head, norms): SGD-SaI like every tensor (the paper), or AdamW (a departure from the paper)",
+    )
+    fallback_lr_ratio: float = Field(
+        1.0, gt=0.0, description="LR of the rule='fallback' groups = lr * ratio (1: the paper's single LR)"
     )
     fused: bool = Field(
         True,
@@ -92,13 +108,28 @@ class SGDSaI(StatelessOptimizer):
     config_cls = SGDSaIConfig
     uses_rules = False
     host_state = frozenset({"gsnr"})  # one fp32 scale per weight, read on the host every step
+    weight_state = frozenset({"gsnr"})
     # elementwise: fp64 weights are stepped in fp64 (momentum buffer like the weight)
     param_dtypes = StatelessOptimizer.param_dtypes | {torch.float64}
 
     def __init__(self, params, lr: float = 1e-2, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
+        if not any(g.get("rule") == "fallback" for g in self.param_groups):
+            custom = sorted({k for g in self.param_groups for k, default in (("fallback", "sgdsai"),
+                             ("fallback_lr_ratio", 1.0)) if g[k] != default})
+            if custom:
+                raise ValueError(
+                    f"SGDSaI: {', '.join(custom)} apply to param groups marked rule='fallback' and none is; "
+                    "pass stateless_opt.param_groups(model) (it marks embeddings, LM head and norms)"
+                )
 
     def _step_group(self, group, units, live) -> None:
+        lr = group["lr"]
+        if group.get("rule") == "fallback":
+            lr *= group["fallback_lr_ratio"]
+            if group["fallback"] == "adamw":
+                adamw_fallback(self, group, units, lr)
+                return
         fresh = self._init_scales(group, units)
         max_scale = self._max_gsnr() if group["max_normalized_gsnr"] else 1.0
         mu = group["momentum"]
@@ -117,19 +148,26 @@ class SGDSaI(StatelessOptimizer):
                 params.append(s.param)
                 updates.append(buf)
                 scales.append(scale)
-        _fused_fp32_step(fused, mu, group["lr"], group["weight_decay"])
-        self._apply(params, updates, group["lr"], group["weight_decay"], group, scales)
+        _fused_fp32_step(fused, mu, lr, group["weight_decay"])
+        self._apply(params, updates, lr, group["weight_decay"], group, scales)
 
     @classmethod
     def state_size(cls, group: dict, element_bytes: int) -> StateSize:
-        """One momentum buffer like the stepped tensor, one fp32 scale per weight on the host."""
+        """One momentum buffer like the stepped tensor, one fp32 scale per weight on the host; AdamW's
+        (``ADAMW_FALLBACK_STATE``) on the rule='fallback' groups of ``fallback="adamw"``."""
+        if _adamw_group(group):
+            return ADAMW_FALLBACK_STATE
         return StateSize(per_element=float(element_bytes), per_weight=4)
 
     def _ensure_state(self, group, units, shards) -> None:
         """One momentum buffer per tensor (like the weight, local shard only) and one fp32 scale per
-        weight it holds (NaN until the weight's first non-zero gradient), kept on the host."""
+        weight it holds (NaN until the weight's first non-zero gradient), kept on the host; AdamW's
+        moments instead for an AdamW fallback group."""
         for t, ss in zip(units, shards):
             state = self.state[t]
+            if _adamw_group(group):
+                adamw_state(state, t)
+                continue
             if not state:
                 # contiguous: each weight's piece is a flat range of it, like the weight's own piece
                 state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.contiguous_format)
@@ -166,6 +204,11 @@ class SGDSaI(StatelessOptimizer):
         """The paper's variant: the max g-SNR over every weight that has one so far."""
         values = [v for st in self.state.values() if "gsnr" in st for v in st["gsnr"].tolist() if v == v]
         return max(values) if values else 1.0
+
+
+def _adamw_group(group: dict) -> bool:
+    """A group stepped by the opt-in AdamW fallback (marked rule='fallback', ``fallback="adamw"``)."""
+    return group.get("rule") == "fallback" and group.get("fallback") == "adamw"
 
 
 def _sum_and_sumsq(g: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:

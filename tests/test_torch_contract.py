@@ -35,7 +35,29 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import optim_db
 
-ROWS = optim_db.OPTIM_DB
+
+
+class _Marked:
+    """A row whose variant changes only param groups marked ``rule="fallback"`` (``marked_groups``:
+    SGD-SaI's opt-in AdamW fallback): the contract runs on that path, every group marked, as
+    ``param_groups(model)`` marks embeddings, the LM head and norms."""
+
+    def __init__(self, row):
+        self.row = row
+
+    def __getattr__(self, name):
+        return getattr(self.row, name)
+
+    def make(self, params, **hyper):
+        items = list(params)
+        if items and isinstance(items[0], dict):
+            groups = [{**g, "rule": "fallback"} for g in items]
+        else:
+            groups = [{"params": items, "rule": "fallback"}]
+        return self.row.make(groups, **hyper)
+
+
+ROWS = [_Marked(r) if r.marked_groups else r for r in optim_db.OPTIM_DB]
 IDS = [r.id for r in ROWS]
 SCHEDULERS = [[lambda opt: StepLR(opt, gamma=0.9, step_size=10)], [lambda opt: ReduceLROnPlateau(opt)]]
 
