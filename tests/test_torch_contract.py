@@ -113,6 +113,31 @@ def test_errors(row):
     assert not failures, "\n".join(failures)
 
 
+def _descends(opt, weight, bias, inp, schedulers_c=(), via_closure: bool = False, also=None) -> bool:
+    """torch's _test_forloop / with_lrsched loop: 20 steps (closure passed to step() or run before it),
+    each scheduler stepped after the optimizer, ``also()`` after each backward; whether the toy loss fell."""
+    schedulers = [s(opt) for s in schedulers_c]
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight.mv(inp) + bias).pow(2).sum()
+        loss.backward()
+        if also is not None:
+            also()
+        return loss
+
+    initial = closure().item()
+    for _ in range(20):
+        if via_closure:
+            loss = opt.step(closure)
+        else:
+            loss = closure()
+            opt.step()
+        for s in schedulers:
+            s.step(loss) if isinstance(s, ReduceLROnPlateau) else s.step()
+    return closure().item() < initial
+
+
 @rows()
 @pytest.mark.parametrize("with_lrsched", [True, False])
 @pytest.mark.parametrize("contiguous", [True, False])
@@ -121,21 +146,7 @@ def test_forloop_goes_right_direction(row, contiguous, with_lrsched):
         for kw in row.inputs:
             weight, bias, inp = _toy(contiguous)
             opt = row.make([weight, bias], **kw)
-            schedulers = [s(opt) for s in schedulers_c]
-
-            def closure():
-                opt.zero_grad()
-                loss = (weight.mv(inp) + bias).pow(2).sum()
-                loss.backward()
-                return loss
-
-            initial = closure().item()
-            for _ in range(20):
-                loss = closure()
-                opt.step()
-                for s in schedulers:
-                    s.step(loss) if isinstance(s, ReduceLROnPlateau) else s.step()
-            assert closure().item() < initial, (kw, contiguous)
+            assert _descends(opt, weight, bias, inp, schedulers_c, via_closure=False), (kw, contiguous)
 
 
 @rows()
@@ -144,20 +155,7 @@ def test_param_group_with_lrscheduler_goes_right_direction(row):
         weight, bias, inp = _toy()
         lr = row.inputs[0]["lr"]
         opt = row.make([{"params": [weight]}, {"params": [bias], "lr": lr}], lr=lr)
-        schedulers = [s(opt) for s in schedulers_c]
-
-        def closure():
-            opt.zero_grad()
-            loss = (weight.mv(inp) + bias).pow(2).sum()
-            loss.backward()
-            return loss
-
-        initial = closure().item()
-        for _ in range(20):
-            loss = opt.step(closure)
-            for s in schedulers:
-                s.step(loss) if isinstance(s, ReduceLROnPlateau) else s.step()
-        assert closure().item() < initial
+        assert _descends(opt, weight, bias, inp, schedulers_c, via_closure=True)
 
 
 @rows()
@@ -208,14 +206,7 @@ def test_param_groups_weight_decay(row):
     for kw in row.inputs:
         weight, bias, inp = _toy()
         opt = row.make([dict(params=[weight], **kw), dict(params=[bias], **{**kw, "weight_decay": 0.0})])
-        loss = (weight.mv(inp) + bias).pow(2).sum()
-        initial = loss.item()
-        for _ in range(20):
-            opt.zero_grad()
-            loss = (weight.mv(inp) + bias).pow(2).sum()
-            loss.backward()
-            opt.step()
-        assert loss.item() < initial
+        assert _descends(opt, weight, bias, inp)
 
 
 @rows()
@@ -225,15 +216,11 @@ def test_param_groups_lr(row):
         irrelevant = Parameter(torch.randn(2))
         irrelevant_clone = irrelevant.detach().clone()
         opt = row.make([dict(params=[weight, bias], **kw), dict(params=[irrelevant])], lr=1e-28)
-        loss = (weight.mv(inp) + bias).pow(2).sum()
-        initial = loss.item()
-        for _ in range(20):
-            opt.zero_grad()
-            loss = (weight.mv(inp) + bias).pow(2).sum()
-            loss.backward()
+
+        def irrelevant_grad():
             irrelevant.grad = torch.rand_like(irrelevant)
-            opt.step()
-        assert loss.item() < initial
+
+        assert _descends(opt, weight, bias, inp, also=irrelevant_grad)
         assert torch.equal(irrelevant.detach(), irrelevant_clone)  # lr was almost 0
 
 
@@ -284,15 +271,21 @@ def _without_param_names(sd):
     return sd
 
 
+def _small(row, kw, named: bool):
+    """torch's state-dict fixture: weight (2, 3), bias (2), input (3), the optimizer (named or not) and
+    its forward-backward closure."""
+    weight, bias = Parameter(torch.randn(2, 3)), Parameter(torch.randn(2))
+    inp = torch.randn(3)
+    opt = row.make(_named([weight, bias], named), **kw)
+    return opt, weight, bias, inp, functools.partial(_fwd_bwd, opt, weight, bias, inp)
+
+
 @rows()
 @pytest.mark.parametrize("is_named_optim1", [True, False])
 @pytest.mark.parametrize("is_named_optim0", [True, False])
 def test_state_dict_deterministic(row, is_named_optim0, is_named_optim1):
     for kw in row.inputs:
-        weight, bias = Parameter(torch.randn(2, 3)), Parameter(torch.randn(2))
-        inp = torch.randn(3)
-        opt = row.make(_named([weight, bias], is_named_optim0), **kw)
-        closure = functools.partial(_fwd_bwd, opt, weight, bias, inp)
+        opt, weight, bias, inp, closure = _small(row, kw, is_named_optim0)
         for _ in range(10):
             closure()
             opt.step()
@@ -371,10 +364,7 @@ def test_can_load_from_to_named_state_dict(row, is_named_optim0, is_named_optim1
 @pytest.mark.parametrize("is_named_optim", [True, False])
 def test_save_load_equality_with_weights_only(row, is_named_optim):
     for kw in row.inputs:
-        weight, bias = Parameter(torch.randn(2, 3)), Parameter(torch.randn(2))
-        inp = torch.randn(3)
-        opt = row.make(_named([weight, bias], is_named_optim), **kw)
-        closure = functools.partial(_fwd_bwd, opt, weight, bias, inp)
+        opt, weight, bias, inp, closure = _small(row, kw, is_named_optim)
         for _ in range(3):
             opt.step(closure)
         sd = opt.state_dict()
