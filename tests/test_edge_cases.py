@@ -369,14 +369,17 @@ def test_llama_trains_a_few_steps():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_low_precision_weights_with_any_group_structure(name, dtype):
-    # A pure low-precision Linear-ReLU-Linear MLP, built two ways users do: the decay / no-decay split
-    # (an earlier group holding as many tensors as this one crashed the rounding generator, found by
-    # list.index comparing tensors) and the model cast after the optimizer was built (model.half()).
-    # Every weight moves, all finite, no step skipped.
-    for how in ("split", "cast_after"):
+    # A pure low-precision Linear-ReLU-Linear MLP, built the ways users do: one group per layer and the
+    # decay / no-decay split (an earlier group holding as many tensors as this one, with the same values,
+    # crashed the rounding generator, found by list.index comparing the groups' tensors), and the model
+    # cast after the optimizer was built (model.half()). Every weight moves, all finite, none skipped.
+    for how in ("layers", "split", "cast_after"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
-        if how == "split":
+        if how == "layers":
+            model.to(dtype)
+            opt = OPTIMIZERS[name]([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+        elif how == "split":
             model.to(dtype)
             ps = list(model.parameters())
             opt = OPTIMIZERS[name]([{"params": [p for p in ps if p.ndim >= 2]},
