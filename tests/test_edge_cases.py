@@ -466,3 +466,30 @@ def test_memory_report_with_swapped_arguments_names_them():
     opt = SWAN(model.parameters(), lr=0.02)
     with pytest.raises(TypeError, match="model"):
         memory_report(opt, model, print_table=False)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_float64_weights_stepped_in_float64_or_refused_by_name(name):
+    # SGD-SaI is elementwise: an fp64 weight steps in fp64 (its float64 reference: test_reference);
+    # SWAN / SinkGD compute in fp32 and refuse fp64 weights at construction, and before a step when the
+    # model was cast after the optimizer was built, naming the tensor
+    ps = [nn.Parameter(torch.randn(6, 4, dtype=torch.float64)), nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    if name == "sgdsai":
+        opt = OPTIMIZERS[name](ps)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in ps)
+        assert opt.state[ps[0]]["momentum_buffer"].dtype == torch.float64
+        return
+    with pytest.raises(TypeError, match=r"param group 0: tensor 0 \(shape \(6, 4\)\) is torch.float64; .*model.float\(\)"):
+        OPTIMIZERS[name](ps)
+    model = nn.Linear(4, 6)
+    opt = OPTIMIZERS[name](model.named_parameters())
+    model.double()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = _snapshot(model.parameters())
+    with pytest.raises(TypeError, match=r"param group 0 \(before step 1\): tensor 0 'weight' \(shape \(6, 4\)\) is torch.float64"):
+        opt.step()
+    assert _same(before, _snapshot(model.parameters()))
