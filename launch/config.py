@@ -68,7 +68,8 @@ class ConfigError(UserError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # every float finite: an inf / NaN (YAML's .inf / .nan, --x=inf) is refused naming the field
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- sections
@@ -109,7 +110,7 @@ class DataSection(Section):
 class AdamWConfig(BaseModel):
     """The baseline: ``torch.optim.AdamW`` on the same param groups (same names as the fallback's)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     lr: float = Field(1e-3, ge=0, description="learning rate")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")

@@ -1,8 +1,8 @@
 """Fallback rules for the tensors SWAN and SinkGD do not touch (embeddings, LM head, norms, biases).
 
 * ``adamw``: the papers' setup, computed by ``torch.optim.adamw.adamw`` (torch's own math) with the
-  moments in ``optimizer.state`` like ``torch.optim.AdamW``. Elementwise, so it runs on whatever
-  local tensor sits in the group (plain, DTensor shard, ZeRO flat partition).
+  moments in ``optimizer.state`` like ``torch.optim.AdamW``. Elementwise, so it runs on each weight's
+  local piece (a plain tensor, a DTensor shard, a weight's range of a ZeRO flat partition).
 * ``stateless``: RMS-normalised SGD, zero state: each row of a 2-D+ weight (a token's embedding, a
   vocabulary row of the head) scaled to RMS 1, a 0-/1-D tensor scaled to RMS 1 as a whole. It is the
   row half of SinkGD, so it reuses the same fragment machinery and works on any layout.
@@ -22,27 +22,38 @@ from .row_col_norms import chunks, normalize_rows_cols
 
 
 def adamw_state(state: dict, t: torch.Tensor) -> None:
-    """torch.optim.AdamW's state layout, with fp32 moments also for low-precision weights."""
+    """torch.optim.AdamW's state layout, with fp32 moments also for low-precision weights (and fp64 ones
+    for fp64 weights), contiguous (the step reads them as flat pieces, like the weights)."""
     if not state:
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
         state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(t, dtype=dtype, memory_format=torch.contiguous_format)
 
 
-def adamw_fallback(opt, group: dict, units: list[torch.Tensor], lr: float) -> None:
+def _flat_state(t: torch.Tensor, shard) -> torch.Tensor:
+    """The piece of a state tensor (shaped like the unit) that holds ``shard``'s weight."""
+    return local_views(t)[0].reshape(-1)[shard.offset : shard.offset + shard.grad.numel()]
+
+
+def adamw_fallback(opt, group: dict, units: list[tuple[torch.Tensor, list]], lr: float) -> None:
+    """torch's AdamW on the live weight pieces of ``units`` ((tensor, shards) pairs): the moments are the
+    same pieces of the tensor's state, its step counter advances once a step."""
     params, grads, exp_avgs, exp_avg_sqs, steps, low = [], [], [], [], [], []
-    for t in units:
-        data, grad = local_views(t)
+    for t, shards in units:
         state = opt.state[t]
         adamw_state(state, t)
-        if data.dtype != torch.float32:  # low-precision weights: torch's math on fp32 copies
-            low.append((data, len(params)))
-            data, grad = data.float(), grad.float()
-        params.append(data)
-        grads.append(grad)
-        exp_avgs.append(local_views(state["exp_avg"])[0])
-        exp_avg_sqs.append(local_views(state["exp_avg_sq"])[0])
-        steps.append(state["step"])
+        for k, s in enumerate(shards):
+            param, grad = s.param, s.grad
+            if param.dtype not in (torch.float32, torch.float64):  # low precision: torch's math in fp32
+                low.append((param, len(params)))
+                param, grad = param.float(), grad.float()
+            params.append(param)
+            grads.append(grad)
+            exp_avgs.append(_flat_state(state["exp_avg"], s))
+            exp_avg_sqs.append(_flat_state(state["exp_avg_sq"], s))
+            # adamw advances each counter it gets: the first piece takes the tensor's, others a copy
+            steps.append(state["step"] if k == 0 else state["step"].clone())
     beta1, beta2 = group["betas"]
     adamw(
         params, grads, exp_avgs, exp_avg_sqs, [], steps,

@@ -109,6 +109,8 @@ class SGDSaI(StatelessOptimizer):
     uses_rules = False
     host_state = frozenset({"gsnr"})  # one fp32 scale per weight, read on the host every step
     weight_state = frozenset({"gsnr"})
+    # elementwise: fp64 weights are stepped in fp64 (momentum buffer like the weight)
+    param_dtypes = StatelessOptimizer.param_dtypes | {torch.float64}
 
     def __init__(self, params, lr: float = 1e-2, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
@@ -126,7 +128,7 @@ class SGDSaI(StatelessOptimizer):
         if group.get("rule") == "fallback":
             lr *= group["fallback_lr_ratio"]
             if group["fallback"] == "adamw":
-                adamw_fallback(self, group, [u for u, _ in units], lr)
+                adamw_fallback(self, group, units, lr)
                 return
         fresh = self._init_scales(group, units)
         max_scale = self._max_gsnr() if group["max_normalized_gsnr"] else 1.0
@@ -167,7 +169,8 @@ class SGDSaI(StatelessOptimizer):
                 adamw_state(state, t)
                 continue
             if not state:
-                state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                # contiguous: each weight's piece is a flat range of it, like the weight's own piece
+                state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.contiguous_format)
                 state["gsnr"] = torch.full((len(ss),), float("nan"), dtype=torch.float32)
 
     def _init_scales(self, group, units) -> set[tuple[int, int]]:
@@ -252,6 +255,10 @@ def _fused_fp32_step(frags: list, mu: float, lr: float, weight_decay: float) -> 
     tests/test_sgd_sai_official.py allows; so W is rounded as the official does: W * (1 - lr*wd),
     then the update. The generic path: 40 bytes."""
     if not frags:
+        return
+    if torch.compiler.is_compiling():  # traced: aten::_fused_sgd_ has no fake (meta) kernel, the same math in ops
+        for p, g, buf, scale, first in frags:
+            sgd_sai_update(p, g, buf, scale, lr=lr, momentum=mu, weight_decay=weight_decay, first=first)
         return
     decay = 1.0 - lr * weight_decay
     if kernels.available(frags[0][0].device):  # one pass (20 bytes a parameter, decay included), one launch

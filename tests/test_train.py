@@ -656,7 +656,7 @@ def test_adamw_fallback_lr_ratio_gives_the_fallback_group_its_own_lr():
     sched = make_scheduler(cfg, opt)
     rules = [g["rule"] for g in opt.param_groups]
     assert rules == ["matrix", "fallback"]
-    assert any("embed_tokens" in n for n in opt.param_groups[1]["names"])
+    assert any("embed_tokens" in n for n in opt.param_groups[1]["param_names"])
     for _ in range(10):
         lrs = [g["lr"] for g in opt.param_groups]
         assert lrs[1] == pytest.approx(7.0 * lrs[0]) and lrs[0] > 0
