@@ -48,7 +48,9 @@ VERSION = 1
 INDEX = "portable.json"
 # Param-group entries that are facts of the run that holds the optimizer, not of the checkpoint.
 RUN_FACTS = frozenset({"params", "names", "param_names", "_shapes", "replicate_group"})
-# Param-group entries fixed when the optimizer is built (the matrix / fallback split): must agree.
+# Param-group entries fixed when the optimizer is built (the matrix / fallback split): never loaded. What
+# must agree is each weight's rule (saved per weight: SWAN(model.parameters()) and param_groups(model) group
+# the weights differently but step each alike); checkpoints without per-weight rules compare the groups'.
 MUST_MATCH = frozenset({"rule"})
 ELEMENTWISE, PER_WEIGHT, PER_TENSOR = "elementwise", "per_weight", "per_tensor"
 
@@ -226,7 +228,8 @@ def plan(opt, held: list[_Held], *, weights: bool = True) -> Plan:
         kinds = {k: state_kind(opt, k, v, h.tensor) for k, v in state.items()}
         for s, name in zip(h.shards, h.names):
             m, n = matrix_view(s.shape)
-            out.weights[name] = {"group": h.group, "shape": list(s.shape), "state": kinds}
+            out.weights[name] = {"group": h.group, "shape": list(s.shape), "state": kinds,
+                                 "rule": opt.weight_rule(opt.param_groups[h.group], tuple(s.shape))}
             rects = s.local.pieces(m, n) if not _is_copy(s) else ()
             first = _holds_first(s)
             if weights:
@@ -609,10 +612,20 @@ def _load_groups(opt, held: list[_Held], r: Reader) -> None:
         sources = sorted({r.index["weights"][n]["group"] for n in names})
         if not sources:
             continue
+        per_weight = all("rule" in r.index["weights"][n] for n in names)
+        for h in (h for h in held if h.group == gi):
+            for n, s in zip(h.names, h.shards):
+                saved_rule = r.index["weights"].get(n, {}).get("rule")
+                live_rule = opt.weight_rule(group, tuple(s.shape))
+                if saved_rule is not None and saved_rule != live_rule:
+                    raise CheckpointError(
+                        f"{n}: saved stepped by the {saved_rule!r} rule, here by {live_rule!r} (param group {gi}): "
+                        "build the optimizer with the same matrix / fallback split (e.g. stateless_opt.param_groups(model))"
+                    )
         values: dict[str, Any] = {}
         for sg in sources:
             for k, v in saved[sg].items():
-                if k in values and values[k] != v:
+                if k in values and values[k] != v and not (k in MUST_MATCH and per_weight):
                     raise CheckpointError(
                         f"param group {gi} holds weights saved with different {k!r} ({values[k]!r} vs {v!r}; "
                         f"weights {names[:6]}): split the param groups as the saved run did"
@@ -621,6 +634,8 @@ def _load_groups(opt, held: list[_Held], r: Reader) -> None:
         for k, v in values.items():
             if k in RUN_FACTS:
                 continue
+            if k in MUST_MATCH and per_weight:
+                continue  # each weight's rule was compared above; the group's own split stays
             if k in MUST_MATCH and group.get(k) != v:
                 raise CheckpointError(
                     f"param group {gi} ({names[:6]}) has {k}={group.get(k)!r}, saved {k}={v!r}: build the "

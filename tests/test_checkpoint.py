@@ -869,3 +869,35 @@ def test_portable_box_layouts_to_another_grid_and_one_process(kind, grid, world)
             assert not got.isnan().any()
             assert (got - want).abs().max().item() / path < FP32_TOL, n
 
+
+
+def test_groups_built_another_way_load_when_every_weight_keeps_its_rule(tmp_path):
+    """The rule is checked per weight, not per group: a checkpoint saved from ``param_groups(model)``
+    loads into the same weights grouped another way (no ``rule`` key where the shape decides, 1-D
+    tensors in a group of their own) and continues as the uninterrupted run (bitwise: every weight is
+    stepped by the same rule with the same values); a weight whose rule differs (the embedding, whitened
+    when built from ``model.parameters()``) is refused by name before anything is loaded."""
+    from stateless_opt import param_groups
+    from stateless_opt.checkpoint import CheckpointError, load_portable, save_portable
+
+    model, opt = _single("swan")
+    run = Run("single", model, opt, 0, 1)
+    run.train(0)
+    save_portable(model, opt, tmp_path / "a")
+    uninterrupted = run.train(2)
+
+    model2 = fresh_model(1)
+    named = dict(model2.named_parameters())
+    matrices = [p for n, p in named.items() if p.ndim == 2 and n != "emb.weight"]
+    vectors = [p for p in named.values() if p.ndim == 1]
+    opt2 = make_opt("swan", [{"params": matrices}, {"params": [named["emb.weight"]], "rule": "fallback"},
+                             {"params": vectors}])
+    load_portable(model2, opt2, tmp_path / "a")
+    assert_bitwise(uninterrupted, Run("single", model2, opt2, 0, 1).train(2))
+
+    model3 = fresh_model(2)
+    before = {n: p.detach().clone() for n, p in model3.named_parameters()}
+    opt3 = make_opt("swan", list(model3.parameters()))
+    with pytest.raises(CheckpointError, match=r"emb\.weight: saved stepped by the 'fallback' rule, here by 'matrix'"):
+        load_portable(model3, opt3, tmp_path / "a")
+    assert all(torch.equal(before[n], p) for n, p in model3.named_parameters())
