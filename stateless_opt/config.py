@@ -18,6 +18,14 @@ class OptimizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
+    capturable: bool | None = Field(
+        None,
+        description="where a step's decisions are made: True - on the device (NaN/Inf skip, zero-gradient masks, "
+        "counters, scales, LR read from device scalars): no host sync, no host-device copy, so the step can be "
+        "captured in a CUDA graph (stateless_opt.CUDAGraphOptimizer); False - on the host after one sync (work "
+        "skipped for zero-gradient weights); None - on the device on accelerators, on the host on the CPU",
+    )
+
     @field_validator("*", mode="before")
     @classmethod
     def _int_to_float(cls, value: Any, info) -> Any:
@@ -67,6 +75,12 @@ class MatrixRuleConfig(OptimizerConfig):
         return value
 
 
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
 # Keys a param group may carry besides hyper-parameters.
 # ``replicate_group``: the process group (by name, see collectives.group_ref) over which the group's
 # gradients are identical (DDP), set by ``param_groups(ddp_model)`` or the ``replicate_group=`` argument.
@@ -74,7 +88,15 @@ GROUP_KEYS = {"params", "rule", "batch_dims", "names", "step", "skipped_steps", 
 
 
 def validate(config_cls: type[OptimizerConfig], values: dict[str, Any], where: str) -> OptimizerConfig:
-    """Validate ``values`` and re-raise with a message that names each offending field and ``where``."""
+    """Validate ``values`` and re-raise with a message that names each offending field and ``where``.
+    ``lr`` may be a one-element tensor (as in torch.optim, for a captured step that a scheduler fills in
+    place): its value is validated; the tensor itself stays in the param group."""
+    lr = values.get("lr")
+    if _is_tensor(lr):
+        if lr.numel() != 1 or not lr.dtype.is_floating_point:
+            raise ValueError(f"invalid {where}: lr: a tensor lr must hold one floating-point value, got shape "
+                             f"{tuple(lr.shape)} and dtype {lr.dtype}")
+        values = {**values, "lr": float(lr.detach().reshape(()))}
     try:
         return config_cls(**values)
     except ValidationError as err:

@@ -17,17 +17,22 @@ from .layouts import batch_runs, local_views, split_matrices
 from .row_col_norms import chunks, normalize_rows_cols
 
 
-def adamw_state(state: dict, t: torch.Tensor) -> None:
-    """torch.optim.AdamW's state layout, with fp32 moments also for low-precision weights."""
+def adamw_state(state: dict, t: torch.Tensor, step_device: torch.device | None = None) -> None:
+    """torch.optim.AdamW's state layout, with fp32 moments also for low-precision weights; the step
+    counter on the host, or on ``step_device`` (device-decided steps: torch's fused/capturable layout)."""
     if not state:
-        state["step"] = torch.tensor(0.0)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
         state["exp_avg"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
 
 
-def adamw_fallback(opt, group: dict, units: list[torch.Tensor], lr: float) -> None:
+def adamw_fallback(opt, group: dict, units: list[tuple[torch.Tensor, list]], lr, masks=None) -> None:
+    """torch's AdamW on the group's tensors. Host-decided steps: ``torch.optim.adamw.adamw`` on the live
+    tensors. Device-decided steps (``masks``): torch's fused AdamW kernel per tensor, with its
+    ``found_inf`` set where the tensor must stay untouched (a NaN/Inf step, a zero gradient: no
+    update, no decay, moments and step counter unchanged) and the LR a device scalar."""
     params, grads, exp_avgs, exp_avg_sqs, steps, low = [], [], [], [], [], []
-    for t in units:
+    for t, _ in units:
         data, grad = local_views(t)
         state = opt.state[t]
         adamw_state(state, t)
@@ -38,17 +43,35 @@ def adamw_fallback(opt, group: dict, units: list[torch.Tensor], lr: float) -> No
         grads.append(grad)
         exp_avgs.append(local_views(state["exp_avg"])[0])
         exp_avg_sqs.append(local_views(state["exp_avg_sq"])[0])
+        if masks is not None and state["step"].device != data.device:
+            state["step"] = state["step"].to(data.device, torch.float32)  # a host-decided run's checkpoint
         steps.append(state["step"])
     beta1, beta2 = group["betas"]
-    adamw(
-        params, grads, exp_avgs, exp_avg_sqs, [], steps,
-        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["weight_decay"],
-        eps=group["adam_eps"], maximize=False,
-    )
+    if masks is None:
+        adamw(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["weight_decay"],
+            eps=group["adam_eps"], maximize=False,
+        )
+        keep = None
+    else:
+        keep = [masks.any_of([s.key for s in shards]) for _, shards in units]
+        torch._foreach_add_(steps, keep)
+        # the CUDA kernel reads an fp32 LR; the CPU one a double (as the host-decided path computes it)
+        lr_t = lr.to(torch.float32 if lr.is_cuda else torch.float64).reshape(1)
+        for i, k in enumerate(keep):
+            torch._fused_adamw_(
+                [params[i]], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]], [], [steps[i]], lr=lr_t, beta1=beta1,
+                beta2=beta2, weight_decay=group["weight_decay"], eps=group["adam_eps"], amsgrad=False, maximize=False,
+                grad_scale=None, found_inf=(1.0 - k).reshape(1),
+            )
     if low:
-        gen = opt._rounding_generator(group, low[0][0].device)
+        gen = None
         for dst, i in low:
-            opt._write(dst, params[i], group, gen)
+            value = params[i]  # unchanged where the kernel skipped: rounding it back is exact
+            if gen is None and dst.dtype == torch.bfloat16 and group.get("stochastic_rounding", True):
+                gen = opt._rounding_generator(group, dst.device)
+            opt._write(dst, value, group, gen)
 
 
 def stateless_fallback(opt, group: dict, shards, lr: float) -> None:
@@ -56,13 +79,12 @@ def stateless_fallback(opt, group: dict, shards, lr: float) -> None:
     for s in shards:
         shape2d = None if len(s.shape) >= 2 else (1, max(s.numel, 1))
         frags.extend(split_matrices(s, 0, shape2d=shape2d))
-    decay = 1.0 - lr * group["weight_decay"]
     for run in batch_runs(frags):
         row_comms, col_comms = opt._row_col_comms(run)
         budget = int(group["chunk_mb"] * 2**20) * opt._comm(run[0].weight).world
         for idx in chunks(run, lambda f: f.whole_bytes, budget):
             normalize_rows_cols(
                 [run[i] for i in idx], row_comms=row_comms, col_comms=col_comms, iterations=1, eps=group["eps"],
-                columns=False, apply=lambda fs, x: opt._apply([f.param for f in fs], list(x), lr, group["weight_decay"], group),
-                device=run[0].grad.device, fused_update=(lr, decay), cache=opt.geometry_cache,
+                columns=False, apply=lambda fs, x: opt._apply_fragments(group, fs, x.unbind(0), lr),
+                device=run[0].grad.device, fused_update=opt.fused_update(group, lr), cache=opt.geometry_cache,
             )

@@ -15,8 +15,9 @@ vectors: the executor behind SinkGD's rounds and the stateless fallback.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from itertools import accumulate
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -42,8 +43,28 @@ def chunks(items: Sequence, cost_bytes: Callable[[object], int], budget: int) ->
     return out
 
 
+@dataclass
+class FusedUpdate:
+    """How ``normalize_rows_cols`` writes W <- (1 - lr wd) W - lr r∘G∘c with the fused kernel: ``lr``
+    and ``weight_decay`` (numbers, or float64 device scalars on a device-decided step), the step's
+    ``masks`` (``optimizer.StepMasks``: each fragment's write is masked by its weight's flag; None: all
+    step) and the optimizer's launch tables."""
+
+    lr: Any
+    weight_decay: Any
+    masks: Any = None
+    tables: Any = None
+
+    def keep_address(self, frag: MatrixFragment) -> int:
+        if self.masks is None:
+            return kernels.address(kernels.ones(str(frag.grad.device)))
+        return self.masks.address(frag.weight.key)
+
+
 class ChunkIndex:
-    """Global row/column offsets of the matrices of one chunk (identical on every rank)."""
+    """Global row/column offsets of the matrices of one chunk (identical on every rank), and the
+    chunk's row and column scale vectors (kept with the cached geometry, so the fused update's launch
+    table, which holds their addresses, is built once)."""
 
     def __init__(self, frags: Sequence[MatrixFragment], device: torch.device):
         ms = [f.m for f in frags]
@@ -58,6 +79,8 @@ class ChunkIndex:
         self.m = torch.tensor(ms, dtype=torch.float32, device=device)
         self.n = torch.tensor(ns, dtype=torch.float32, device=device)
         self.count = count
+        self.row_scale = torch.empty(self.rows, dtype=torch.float32, device=device)
+        self.col_scale = torch.empty(self.cols, dtype=torch.float32, device=device)
 
 
 class FragmentStack:
@@ -108,14 +131,15 @@ class FragmentStack:
             f.param.dtype == f.grad.dtype == torch.float32 and f.param.is_contiguous() and f.grad.is_contiguous()
             for f in self.frags)
 
-    def fused_items(self, row_scale: torch.Tensor, col_scale: torch.Tensor) -> list[tuple]:
+    def fused_items(self, row_scale: torch.Tensor, col_scale: torch.Tensor, update: FusedUpdate) -> list[tuple]:
         """This stack's fragments as ``kernels.row_col_scaled_update_`` items (see ``fusable``); S is
         no longer needed."""
         self.s = None
         items = []
         for f, r0, c0 in zip(self.frags, self.row_off, self.col_off):
             lo, hi, left, right, start, width = f.local.kernel_view(f.m, f.n)
-            items.append((f.param, f.grad, row_scale[r0 + lo : r0 + hi], col_scale[c0 + left : c0 + right], start, width))
+            items.append((f.param, f.grad, row_scale[r0 + lo : r0 + hi], col_scale[c0 + left : c0 + right], start, width,
+                          update.keep_address(f)))
         return items
 
     def finalize(self, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
@@ -203,12 +227,12 @@ def normalize_rows_cols(
     apply: Callable[[list[MatrixFragment], torch.Tensor], None],
     device: torch.device,
     stats_dtype: torch.dtype = torch.float32,
-    fused_update: tuple[float, float] | None = None,
+    fused_update: FusedUpdate | None = None,
     cache: dict | None = None,
 ) -> None:
     """SR-Sinkhorn on fragments: ``iterations`` x {(if ``rows``) every row to l2 norm sqrt(n); then (if
-    ``columns``) every column to l2 norm sqrt(m)}; then, for each stack, W <- decay W - lr x in one fused pass where
-    ``fused_update = (lr, decay)`` is given and the stack qualifies, else ``apply(frags, x)``.
+    ``columns``) every column to l2 norm sqrt(m)}; then, for each stack, W <- (1 - lr wd) W - lr x in one
+    fused pass where ``fused_update`` is given and the stack qualifies, else ``apply(frags, x)``.
     ``row_comms`` / ``col_comms``: the collectives of the shards' row / column groups (every fragment
     of a chunk shares them); ``cache``: the optimizer's dict for ``chunk_geometry``.
 
@@ -220,8 +244,8 @@ def normalize_rows_cols(
     stacks = [FragmentStack([frags[p] for p in g.positions], g, stats_dtype) for g in geometries]
     row_reduce = tuple(row_comms) if rows and rows_split(frags) else ()
     col_reduce = tuple(col_comms) if columns and cols_split(frags) else ()
-    row_scale = torch.ones(index.rows, dtype=torch.float32, device=device)
-    col_scale = torch.ones(index.cols, dtype=torch.float32, device=device)
+    row_scale = index.row_scale.fill_(1.0)
+    col_scale = index.col_scale.fill_(1.0)
     for _ in range(iterations):
         if rows:
             _normalize_axis(stacks, index, row_reduce, eps, rows=True, scale=row_scale, other=col_scale)
@@ -230,12 +254,12 @@ def normalize_rows_cols(
     fused = []  # one launch for every fusable fragment of the chunk
     for st in stacks:
         if fused_update is not None and st.fusable():
-            fused += st.fused_items(row_scale, col_scale)
+            fused += st.fused_items(row_scale, col_scale, fused_update)
         else:
             apply(st.frags, st.finalize(row_scale, col_scale))
     if fused:
-        lr, decay = fused_update
-        kernels.row_col_scaled_update_(fused, lr=lr, decay=decay)
+        kernels.row_col_scaled_update_(fused, lr=fused_update.lr, weight_decay=fused_update.weight_decay,
+                                       tables=fused_update.tables)
 
 
 def _normalize_axis(stacks, index: ChunkIndex, reduce: tuple, eps, *, rows: bool, scale: torch.Tensor,

@@ -173,6 +173,7 @@ def swan_direction(
     gradnorm_axis: str = "oriented",
     lower: float = PE_LOWER,
     dtype: str = "float32",
+    symmetric: bool = True,
 ) -> torch.Tensor:
     """SWAN's update direction for whole matrices g (B, m, n), fp32 in, fp32 out, RMS 1 each: the
     batched ``swan_update``.
@@ -182,9 +183,12 @@ def swan_direction(
     ``gradnorm_axis="stored_rows"`` standardises the rows as stored, before orienting.
     ``method``: "polar_express" (``steps`` Polar Express steps for singular values down to ``lower``,
     matmuls in ``dtype``), "newton_schulz" (``steps`` coupled iterations, fp32) or "eigh" (exact, fp64).
+    ``symmetric``: bf16 Polar Express on CUDA computes its symmetric products (X X^T, A^2) with the
+    Triton kernel that forms only half of each (``polar_express.bf16_ops``).
     """
     if method == "polar_express":
-        return _polar_express_direction(g, eps=eps, steps=steps, lower=lower, dtype=dtype, gradnorm_axis=gradnorm_axis)
+        return _polar_express_direction(g, eps=eps, steps=steps, lower=lower, dtype=dtype, gradnorm_axis=gradnorm_axis,
+                                        symmetric=symmetric)
     if method not in ("newton_schulz", "eigh"):
         raise ValueError(f"unknown whitening method {method!r}")
     x = g.float()
@@ -212,7 +216,8 @@ def swan_direction(
 
 
 def _polar_express_direction(
-    g: torch.Tensor, *, eps: float, steps: int, lower: float, dtype: str, gradnorm_axis: str = "oriented"
+    g: torch.Tensor, *, eps: float, steps: int, lower: float, dtype: str, gradnorm_axis: str = "oriented",
+    symmetric: bool = True,
 ) -> torch.Tensor:
     """``swan_direction`` with Polar Express whitening, fp32 out, RMS 1.
 
@@ -230,7 +235,7 @@ def _polar_express_direction(
     axis = -2 if (gradnorm_axis == "stored_rows" and transposed) else -1
     m, n = xo.shape[-2:]
     if dtype == "float32":
-        d = polar_express(gradnorm(xo, eps, axis), steps, lower, "float32")
+        d = polar_express(gradnorm(xo, eps, axis), steps, lower, "float32")  # fp32: cuBLAS throughout
     elif dtype == "bfloat16":
         count = xo.shape[axis]
         var, mean = torch.var_mean(xo, dim=axis, correction=0, keepdim=True)
@@ -239,7 +244,7 @@ def _polar_express_direction(
         # ||G~||_F^2 = sum over rows of count * var * scale^2, without another pass over G
         fro = (var * scale.square()).sum(dim=(-2, -1), keepdim=True).mul_(count).sqrt_()
         scale = torch.where(fro > 0, scale / fro.clamp_min(TINY), torch.zeros_like(scale))
-        ops = bf16_ops(x.device)
+        ops = bf16_ops(x.device, symmetric)
         xs = ops.empty_padded(xo.shape, x.device)
         torch.addcmul(-mean * scale, xo, scale, out=xs[..., :m, :n])  # (x - mean) * scale, in one pass
         del var, mean, scale, fro
@@ -292,6 +297,11 @@ class SWANConfig(MatrixRuleConfig):
         "or the rows as stored",
     )
     chunk_mb: float = Field(512.0, gt=0.0, description="per-rank bound on gathered matrices of one chunk (MiB)")
+    fused: bool = Field(
+        True,
+        description="bf16 Polar Express on CUDA: X X^T and A^2 by a Triton kernel that computes only the blocks on "
+        "and below the diagonal (half their FLOPs), where Triton runs; False: cuBLAS for every product",
+    )
     whiten_batch_mb: float = Field(
         1024.0,
         gt=0.0,
@@ -332,7 +342,7 @@ class SWAN(MatrixRuleOptimizer):
         )
         direction = partial(
             swan_direction, eps=group["eps"], steps=steps, method=method,
-            gradnorm_axis=group["gradnorm_axis"], lower=group["pe_lower_bound"], dtype=dtype,
+            gradnorm_axis=group["gradnorm_axis"], lower=group["pe_lower_bound"], dtype=dtype, symmetric=group["fused"],
         )
         for idx in chunk_list:
             gather_compute_scatter(
