@@ -44,7 +44,8 @@ class CUDAGraphOptimizer(torch.optim.Optimizer):
       place (``zero_grad`` here does, whatever ``set_to_none`` says; ``model.zero_grad()`` and
       ``set_to_none=True`` elsewhere replace them). Before each replay every parameter's gradient is
       checked (same tensor, and no parameter gained or lost one): if any moved, the graph is dropped
-      with a warning and the step runs eagerly until it is captured again.
+      with a warning and the step runs eagerly until the gradients stay put for a step, then it is
+      captured again (gradients replaced at every step: every step runs eagerly, with a warning).
     * **When it re-captures.** After ``add_param_group``, ``load_state_dict``, an attached layout, a
       change of any hyper-parameter other than ``lr`` and ``weight_decay`` (e.g. momentum, betas,
       iterations: they are baked into the graph), and whenever the gradients moved (above): the graph is
@@ -158,9 +159,16 @@ class CUDAGraphOptimizer(torch.optim.Optimizer):
                 return loss
             self._warn_once(reason, f"CUDAGraphOptimizer re-captures: {reason}")
             self.release()
-        if self._eager_steps < self.warmup_steps:
+        signature = self._current_signature()
+        if self._eager_steps < self.warmup_steps or signature != self._signature:
+            # warm-up; or the gradients moved since the last eager step: the tables that step built
+            # would not fit, so this one runs eagerly too (and builds them) and capture waits
+            if self._eager_steps >= self.warmup_steps:
+                self._warn_once("moving", "CUDAGraphOptimizer: the .grad tensors are replaced between steps, so the "
+                                "step runs eagerly; zero them in place (zero_grad(set_to_none=False)) to capture it")
             self.optimizer.step()
             self._eager_steps += 1
+            self._signature = signature
             return loss
         self._capture()
         return loss
@@ -191,7 +199,6 @@ class CUDAGraphOptimizer(torch.optim.Optimizer):
         with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
             opt.step()
         self._graph = graph
-        self._signature = self._current_signature()
         self._keep_alive = opt.graph_buffers()
         self.captures += 1
         graph.replay()

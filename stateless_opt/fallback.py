@@ -58,7 +58,7 @@ def adamw_fallback(opt, group: dict, units: list[tuple[torch.Tensor, list]], lr,
         keep = [masks.any_of([s.key for s in shards]) for _, shards in units]
         torch._foreach_add_(steps, keep)
         # the CUDA kernel reads an fp32 LR; the CPU one a double (as the host-decided path computes it)
-        lr_t = lr.to(torch.float32 if lr.is_cuda else torch.float64).reshape(1)
+        lr_t = lr.to(torch.float32 if lr.is_cuda else torch.float64).reshape(())
         for i, k in enumerate(keep):
             torch._fused_adamw_(
                 [params[i]], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]], [], [steps[i]], lr=lr_t, beta1=beta1,

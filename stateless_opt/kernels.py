@@ -371,7 +371,7 @@ def sym_gram(x: torch.Tensor, *, alpha: float = 1.0, beta: float = 0.0, y: torch
     _sym_gram_kernel[(nb * (nb + 1) // 2, batch)](
         x, ys, out, m, k, *x.stride(), *ys.stride(), *out.stride(), float(alpha), float(beta),
         HAS_Y=y is not None, BLOCK_M=bm, BLOCK_K=64 if not _interpreting() else 32,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32 rounding)
+        PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32 stays fp32 (no TF32 rounding)
         num_warps=8 if bm >= 128 else 4, num_stages=3,
     )
     return out

@@ -346,17 +346,19 @@ def bf16_ops(device: torch.device, symmetric: bool = True) -> _NativeBF16:
     return _EmulatedBF16(symmetric and kernels.available(device))  # the kernel runs here under the interpreter
 
 
-def direct_bf16(xs: torch.Tensor, steps: int, lower: float, ops: _NativeBF16) -> torch.Tensor:
+def direct_bf16(xs: torch.Tensor, steps: int, lower: float, ops: _NativeBF16, right: bool = False) -> torch.Tensor:
     """The direct iteration in bf16 on ``xs`` (B, m, n) holding bf16 values with sigma_max <= 1 (e.g.
     divided by its Frobenius norm). Returns the last iterate (bf16 values, padded as given).
+    ``right``: for m > n, the same polynomial applied from the right, A = X^T X (n x n) and
+    X <- a X + X B: no transposed copy of a tall matrix is ever made.
 
-    Step 1 folds the per-matrix spectral scale into an m x m factor: with s the bound,
+    Step 1 folds the per-matrix spectral scale into a small factor: with s the bound,
     p(X / sqrt s) = P X, P = (a I + (b / s) A + (c / s^2) A^2) / sqrt s, formed in fp32 from an
     fp32-output A^2 in two passes and rounded once (no pass over the m x n iterate to rescale it).
     Later steps are Muon's form: A = X X^T; B = b A + c A A; X = a X + B X, each combination done in
     the fp32 matmul epilogue and rounded once to bf16."""
     for k, (a, b, c) in enumerate(polar_express_coefficients(steps, lower)):
-        gram = ops.gram(xs)
+        gram = ops.gram(xs.transpose(-2, -1) if right else xs)
         if k == 0:
             gram2 = ops.square_fp32(gram)
             bound = _bound(gram2) * BF16_BOUND_SAFETY
@@ -366,10 +368,10 @@ def direct_bf16(xs: torch.Tensor, steps: int, lower: float, ops: _NativeBF16) ->
             gram2.diagonal(dim1=-2, dim2=-1).add_((a / root)[..., 0])
             poly = ops.cast_into(torch.addcmul, gram2, gram, b / bound / root)
             del gram, gram2
-            xs = ops.mm(poly, xs)
+            xs = ops.mm(xs, poly) if right else ops.mm(poly, xs)
         else:
             poly = ops.square_add(gram, beta=b, alpha=c)
             del gram
-            xs = ops.addmm(xs, poly, xs, beta=a)
+            xs = ops.addmm(xs, xs, poly, beta=a) if right else ops.addmm(xs, poly, xs, beta=a)
         del poly
     return xs

@@ -288,11 +288,12 @@ def _interpreted_main() -> None:
     out["sym_gram_symmetric"] = bool(torch.equal(y, y.transpose(1, 2)))
     from stateless_opt.swan import swan_direction
 
-    g = torch.randn(2, 40, 100, generator=torch.Generator().manual_seed(1))
-    d = {s: swan_direction(g, eps=1e-8, steps=5, method="polar_express", lower=1e-2, dtype="bfloat16", symmetric=s)
-         for s in (True, False)}
-    out["swan_symmetric_vs_bmm"] = float((d[True] - d[False]).norm() / d[False].norm())
-    assert math.isfinite(out["swan_symmetric_vs_bmm"])
+    for label, shape in (("wide", (2, 40, 100)), ("tall", (2, 100, 40))):  # tall: X^T X from a strided view
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        d = {s: swan_direction(g, eps=1e-8, steps=5, method="polar_express", lower=1e-2, dtype="bfloat16",
+                               symmetric=s) for s in (True, False)}
+        out[f"swan_symmetric_vs_bmm_{label}"] = float((d[True] - d[False]).norm() / d[False].norm())
+        assert math.isfinite(out[f"swan_symmetric_vs_bmm_{label}"])
     print("RESULT " + json.dumps(out))
 
 
@@ -313,7 +314,7 @@ def test_kernel_paths_equal_and_read_nothing_back():
     assert out["sym_gram"] < 1e-5 and out["sym_gram_poly"] < 1e-5 and out["sym_gram_symmetric"]
     # bf16 emulation with and without the symmetric products: each bf16 rounding can flip between the
     # two sum orders (2^-9 on a few entries), over 5 steps: measured 5e-5
-    assert out["swan_symmetric_vs_bmm"] < 1e-3
+    assert out["swan_symmetric_vs_bmm_wide"] < 1e-3 and out["swan_symmetric_vs_bmm_tall"] < 1e-3
 
 
 # ------------------------------------------------------------------------------------ counters and lr
@@ -451,15 +452,16 @@ def test_captured_step_replays_the_eager_step_bit_for_bit(name):
 def test_eager_device_decided_step_never_syncs(name):
     ps = _params(device="cuda")
     opt = VARIANTS[name](ps)
-    for t in range(2):
+    for t in range(3):  # SGD-SaI: scales pending after step 0 (two zero gradients) are known by step 2
         for p, g in zip(ps, _grads(t, torch.float32, "cuda")):
             p.grad = g
         opt.step()
+    grads = [_grads(t, torch.float32, "cuda") for t in range(3, 6)]  # made (and copied over) before
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for t in range(2, 6):
-            for p, g in zip(ps, _grads(t, torch.float32, "cuda")):
+        for gs in grads:
+            for p, g in zip(ps, gs):
                 p.grad.copy_(g)
             opt.step()
     finally:
@@ -469,19 +471,31 @@ def test_eager_device_decided_step_never_syncs(name):
 
 @needs_cuda
 def test_replaced_gradients_are_recaptured_not_misread():
+    # gradients written in place for 4 steps (captured at the third), then new .grad tensors at every
+    # step (the graph would read the old ones): dropped with a warning, eager steps, still the eager
+    # trajectory; in place again: captured again
     ps = _params(device="cuda")
-    opt = CUDAGraphOptimizer(SinkGD(ps, lr=0.02), warmup_steps=1)
+    opt = CUDAGraphOptimizer(SinkGD(ps, lr=0.02), warmup_steps=2)
     ref_ps = _params(device="cuda")
     ref = SinkGD(ref_ps, lr=0.02)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for t in range(6):
-            for p, q, g in zip(ps, ref_ps, _grads(t + 10, torch.float32, "cuda")):
-                p.grad, q.grad = g.clone(), g.clone()  # new .grad tensors every step
+        for t in range(12):
+            grads = _grads(t + 10, torch.float32, "cuda")
+            for p, q, g in zip(ps, ref_ps, grads):
+                if 4 <= t < 8 or p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+                q.grad = g.clone()
             opt.step()
             ref.step()
             assert all(torch.equal(p, q) for p, q in zip(ps, ref_ps)), t
+            if t == 3:
+                assert opt.captures == 1
     assert any("re-captures" in str(w.message) for w in caught)
+    assert any("replaced between steps" in str(w.message) for w in caught)
+    assert opt.captures == 2 and opt.captured
 
 
 @needs_cuda
