@@ -63,7 +63,7 @@ def count_whitened():
     orig = swan_mod.swan_direction
 
     def counting(g, **kw):
-        counted["matrices"] += g.shape[0]
+        counted["matrices"] += len(g)  # a batch (B, m, n) or a list of B matrices
         return orig(g, **kw)
 
     swan_mod.swan_direction = counting
