@@ -322,30 +322,36 @@ def test_device_counters_are_brought_up_to_date_where_read():
     ps = _params()
     opt = SWAN(ps, lr=0.02, capturable=True)
     opt._counters_on_host = False
-    for t in range(STEPS):
-        for p, g in zip(ps, _grads(t, torch.float32)):
-            p.grad = g
-        opt.step()
-    assert all(g["step"] == 0 for g in opt.param_groups)  # still on the "device"
-    clone = copy.deepcopy(opt)  # pickling brings them up to date (and the copy carries them)
-    assert [g["step"] for g in clone.param_groups] == [STEPS - 1] * 2
-    sd = opt.state_dict()
-    assert [g["step"] for g in sd["param_groups"]] == [STEPS - 1] * 2
-    assert [g["skipped_steps"] for g in sd["param_groups"]] == [1, 1]
-    assert pickle.loads(pickle.dumps(opt)).skipped_steps == 1
-    for p, g in zip(ps, _grads(0, torch.float32)):
-        p.grad = g
-    opt.step()
-    assert opt.skipped_steps == 1 and opt.param_groups[0]["step"] == STEPS
-    # a checkpoint taken now and loaded into a fresh optimizer continues the count; counts pending in
-    # the optimizer that loads it are dropped (they belong to the run it replaces)
+
+    def run(steps, first=0):
+        for t in range(first, first + steps):
+            for p, g in zip(ps, _grads(t, torch.float32)):
+                p.grad = g
+            opt.step()
+
+    run(STEPS)  # a NaN step (NAN_STEP) among them
+    assert all(g["step"] == 0 and g["skipped_steps"] == 0 for g in opt.param_groups)  # still on the "device"
+    sd = opt.state_dict()  # each reader brings them up to date on its own
+    assert [(g["step"], g["skipped_steps"]) for g in sd["param_groups"]] == [(STEPS - 1, 1)] * 2
+    run(2, first=10)
+    clone = copy.deepcopy(opt)  # pickling (deepcopy) too, and the copy carries them
+    assert [g["step"] for g in clone.param_groups] == [STEPS + 1] * 2
+    run(1, first=NAN_STEP)
+    assert pickle.loads(pickle.dumps(opt)).skipped_steps == 2
+    run(1, first=NAN_STEP)
+    assert opt.skipped_steps == 3 and opt.param_groups[0]["step"] == STEPS + 1
+    run(1, first=11)
+    opt.sync_counters()
+    assert opt.param_groups[0]["step"] == STEPS + 2
+    # a checkpoint taken now and loaded into the optimizer continues its count; counts pending when it
+    # loads belong to the run it replaces: dropped
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
-    opt.step()
+    run(1, first=12)
     buf.seek(0)
     opt.load_state_dict(torch.load(buf))
     opt.sync_counters()
-    assert opt.param_groups[0]["step"] == STEPS and opt.skipped_steps == 1
+    assert opt.param_groups[0]["step"] == STEPS + 2 and opt.skipped_steps == 3
 
 
 def test_tensor_lr_is_accepted_validated_and_followed():
