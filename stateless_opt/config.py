@@ -36,30 +36,11 @@ class OptimizerConfig(BaseModel):
         return value
 
 
-class MatrixRuleConfig(OptimizerConfig):
-    """Shared by SWAN and SinkGD: the matrix rule plus the fallback for embeddings, head, 1-D."""
+class AdamWFallbackConfig(OptimizerConfig):
+    """The AdamW fallback's own settings: SWAN and SinkGD's fallback, SGD-SaI's opt-in one."""
 
-    lr: float = Field(1e-3, ge=0.0, description="learning rate of the matrix rule")
-    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (W <- (1 - lr*wd) W)")
-    eps: float = Field(1e-8, gt=0.0, description="guards divisions by row/column norms or std")
-    fallback: Literal["adamw", "stateless"] = Field(
-        "adamw",
-        description="rule for embeddings, LM head and 0-/1-D tensors: AdamW (the papers' setup) or a "
-        "stateless row-wise RMS-normalised SGD (zero optimizer state end to end)",
-    )
-    fallback_lr_ratio: float = Field(
-        20.0,
-        gt=0.0,
-        description="fallback LR = lr * ratio; the papers use a matrix LR of about 0.05 x the Adam LR",
-    )
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW fallback betas")
     adam_eps: float = Field(1e-8, gt=0.0, description="AdamW fallback epsilon")
-    chunk_mb: float = Field(
-        256.0, gt=0.0, description="upper bound on the fp32 temporaries of one batched chunk (MiB)"
-    )
-    stochastic_rounding: bool = Field(
-        True, description="round low-precision (bf16/fp16) weights stochastically so small updates survive"
-    )
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -73,6 +54,32 @@ class MatrixRuleConfig(OptimizerConfig):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
         return value
+
+
+class MatrixRuleConfig(AdamWFallbackConfig):
+    """Shared by SWAN and SinkGD: the matrix rule plus the fallback for embeddings, head, 1-D."""
+
+    lr: float = Field(1e-3, ge=0.0, description="learning rate of the matrix rule")
+    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (W <- (1 - lr*wd) W)")
+    eps: float = Field(1e-8, gt=0.0, description="guards divisions by row/column norms or std")
+    fallback: Literal["adamw", "stateless", "rowclip"] = Field(
+        "adamw",
+        description="rule for embeddings, LM head and 0-/1-D tensors: AdamW (the papers' setup), a "
+        "stateless row-wise RMS-normalised SGD, or 'rowclip': the same with each row's norm floored at the "
+        "tensor's RMS row norm (rows above it to RMS 1, the others kept relative to it); the last two keep "
+        "zero optimizer state end to end",
+    )
+    fallback_lr_ratio: float = Field(
+        20.0,
+        gt=0.0,
+        description="fallback LR = lr * ratio; the papers use a matrix LR of about 0.05 x the Adam LR",
+    )
+    chunk_mb: float = Field(
+        256.0, gt=0.0, description="upper bound on the fp32 temporaries of one batched chunk (MiB)"
+    )
+    stochastic_rounding: bool = Field(
+        True, description="round low-precision (bf16/fp16) weights stochastically so small updates survive"
+    )
 
 
 def _is_tensor(value: Any) -> bool:

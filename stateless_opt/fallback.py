@@ -6,6 +6,10 @@
 * ``stateless``: RMS-normalised SGD, zero state: each row of a 2-D+ weight (a token's embedding, a
   vocabulary row of the head) scaled to RMS 1, a 0-/1-D tensor scaled to RMS 1 as a whole. It is the
   row half of SinkGD, so it reuses the same fragment machinery and works on any layout.
+* ``rowclip``: the same, but each row's norm is floored at the tensor's RMS row norm instead of at
+  eps times it: rows with above-average gradients go to RMS 1, the others keep their size relative to
+  the tensor (g_row / max(rms(g_row), rms(g))). Rarely-seen embedding / LM-head rows are not blown up
+  to full steps. Zero state; not from a paper (a candidate measured in benchmarks/convergence.py).
 """
 
 from __future__ import annotations
@@ -74,17 +78,27 @@ def adamw_fallback(opt, group: dict, units: list[tuple[torch.Tensor, list]], lr,
             opt._write(dst, value, group, gen)
 
 
-def stateless_fallback(opt, group: dict, shards, lr: float) -> None:
+ROW_FLOORS = {"stateless": None, "rowclip": 1.0}  # row norm floor relative to the tensor's RMS row norm
+
+
+def stateless_fallback(opt, group: dict, shards, lr: float, row_floor: float | None = None) -> None:
+    """Row-wise RMS normalisation; ``row_floor`` (default: the group's eps) is the floor of each row's
+    norm as a multiple of the tensor's RMS row norm (``row_col_norms.floor_norms``)."""
     frags = []
     for s in shards:
         shape2d = None if len(s.shape) >= 2 else (1, max(s.numel, 1))
         frags.extend(split_matrices(s, 0, shape2d=shape2d))
     for run in batch_runs(frags):
         row_comms, col_comms = opt._row_col_comms(run)
-        budget = int(group["chunk_mb"] * 2**20) * opt._comm(run[0].weight).world
+        holders = opt._comm(run[0].weight)
+        budget = int(group["chunk_mb"] * 2**20) * holders.world
+        # a floor at the tensor's own scale needs each whole tensor's norm (ROW_FLOORS' "rowclip")
+        fro_comms = [holders] if row_floor is not None and holders.world > 1 and not run[0].weight.replicated else []
         for idx in chunks(run, lambda f: f.whole_bytes, budget):
             normalize_rows_cols(
-                [run[i] for i in idx], row_comms=row_comms, col_comms=col_comms, iterations=1, eps=group["eps"],
+                [run[i] for i in idx], row_comms=row_comms, col_comms=col_comms, iterations=1,
+                eps=group["eps"] if row_floor is None else row_floor,
                 columns=False, apply=lambda fs, x: opt._apply_fragments(group, fs, x.unbind(0), lr),
                 device=run[0].grad.device, fused_update=opt.fused_update(group, lr), cache=opt.geometry_cache,
+                fro_comms=fro_comms,
             )

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from . import kernels
 from .collectives import Collectives, group_ref
 from .config import validate, validate_group
-from .fallback import adamw_fallback, adamw_state, stateless_fallback
+from .fallback import ROW_FLOORS, adamw_fallback, adamw_state, stateless_fallback
 from .layouts import Layout, MatrixFragment, WeightShard, batch_runs, default_layouts, split_matrices, true_shape
 from .precision import stochastic_round_
 from .row_col_norms import FusedUpdate
@@ -56,6 +56,13 @@ class StateSize(NamedTuple):
     per_tensor: int = 0
     per_weight: int = 0
     scalars_on_host: bool = True
+
+
+def adamw_fallback_state(group: dict) -> StateSize:
+    """The AdamW fallback's state (SWAN/SinkGD's fallback groups, SGD-SaI's opt-in one): two fp32
+    moments per element, a 4-byte step counter per tensor (on the device unless steps are decided on
+    the host)."""
+    return StateSize(per_element=8.0, per_tensor=4, scalars_on_host=group.get("capturable") is False)
 
 
 @dataclass
@@ -112,6 +119,11 @@ class StatelessOptimizer(torch.optim.Optimizer):
     uses_rules = True  # SWAN/SinkGD split matrix vs fallback; SGD-SaI is elementwise on everything
     # per-weight fp32 state keys (not flat-shaped): on the host for host-decided steps, else on the device
     host_state: frozenset = frozenset()
+    # state keys holding one value per weight of the stepped tensor (indexed by ``WeightShard.unit_index``;
+    # a ZeRO partition holds many weights): the portable checkpoint stores them per weight
+    weight_state: frozenset = frozenset()
+    # state keys holding one value per stepped tensor, whatever its shape (the AdamW fallback's counter)
+    tensor_state: frozenset = frozenset({"step"})
     _counters_on_host = True  # device-decided steps on the CPU fold their counters at once (no sync to save)
 
     def __init__(self, params: Iterable, lr: float, *, replicate_group=None, **hyperparameters):
@@ -567,14 +579,30 @@ class StatelessOptimizer(torch.optim.Optimizer):
         return gen
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """torch's, with the device-decided steps' counters brought up to date first, plus an empty
+        entry for every tensor that keeps no state (SWAN/SinkGD matrix weights, the stateless fallback,
+        a weight not stepped yet): ``torch.distributed.checkpoint``'s strict load (``set_state_dict``
+        with default options) takes a tensor without an entry for one whose state was lost, and
+        refuses the checkpoint."""
+        self.sync_counters()
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            for i in g["params"]:
+                sd["state"].setdefault(i, {})
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts every floating state tensor to its parameter's dtype on load; ours are fp32 by
         design (fallback moments of bf16 weights, SGD-SaI scales), so restore their saved dtype. Where
-        the gradients are replicated is a fact of this run, not of the checkpoint: it is kept. Counts
-        still pending on the device belong to the run being replaced: dropped."""
+        the gradients are replicated is a fact of this run, not of the checkpoint: it is kept. The
+        empty entries of stateless tensors (``state_dict``) are dropped: such a tensor has no state.
+        Counts still pending on the device belong to the run being replaced: dropped."""
         live_replicas = [g.get("replicate_group") for g in self.param_groups]
         self._pending_counts, self._scalars = {}, {}
         super().load_state_dict(state_dict)
+        for p in [p for p, st in self.state.items() if not st]:
+            del self.state[p]
         for g, ref in zip(self.param_groups, live_replicas):
             g["replicate_group"] = ref
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -599,11 +627,6 @@ class StatelessOptimizer(torch.optim.Optimizer):
         device = param.device if param.device.type != "meta" else torch.device("cpu")
         return device if self._decides_on_device(group, device) else torch.device("cpu")
 
-    def state_dict(self) -> dict:
-        """torch's state dict, with the device-decided steps' counters brought up to date first."""
-        self.sync_counters()
-        return super().state_dict()
-
     def __getstate__(self) -> dict:
         self.sync_counters()
         return super().__getstate__()
@@ -622,17 +645,20 @@ class StatelessOptimizer(torch.optim.Optimizer):
 class MatrixRuleOptimizer(StatelessOptimizer):
     """What SWAN and SinkGD share: matrix-rule groups go to the subclass's ``_matrix_update`` on matrix
     fragments (one call per run of fragments that share their collectives); fallback groups
-    (embeddings, LM head, 0-/1-D) take AdamW or the stateless row-wise rule at ``lr *
+    (embeddings, LM head, 0-/1-D) take AdamW or a stateless row-wise rule at ``lr *
     fallback_lr_ratio`` (applied here, so a scheduler writing one LR into every group keeps the ratio)."""
 
     uses_rules = True
+    # which fragments share one ``_matrix_update`` call (layouts.batch_runs): the full signature where
+    # row/column statistics travel; "holders" where only whole matrices do (owners balanced over all)
+    run_by = "signature"
 
     @classmethod
     def state_size(cls, group: dict, element_bytes: int) -> StateSize:
         """0 on matrix-rule weights; the AdamW fallback's two fp32 moments and its step counter (on the
         device unless steps are decided on the host)."""
         if group.get("rule") == "fallback" and group.get("fallback", "adamw") == "adamw":
-            return StateSize(per_element=8.0, per_tensor=4, scalars_on_host=group.get("capturable") is False)
+            return adamw_fallback_state(group)
         return StateSize()
 
     def _ensure_state(self, group, units, shards) -> None:
@@ -650,10 +676,10 @@ class MatrixRuleOptimizer(StatelessOptimizer):
             if group["fallback"] == "adamw":
                 adamw_fallback(self, group, units, lr, masks)
             else:
-                stateless_fallback(self, group, shards, lr)
+                stateless_fallback(self, group, shards, lr, ROW_FLOORS[group["fallback"]])
             return
         frags = [f for s in shards for f in split_matrices(s, group.get("batch_dims", 0))]
-        for run in batch_runs(frags):
+        for run in batch_runs(frags, self.run_by):
             self._matrix_update(group, run, self._comm(run[0].weight), lr)
 
     def _matrix_update(self, group: dict, frags: list[MatrixFragment], comm: Collectives, lr) -> None:

@@ -255,12 +255,20 @@ def normalize_rows_cols(
     stats_dtype: torch.dtype = torch.float32,
     fused_update: FusedUpdate | None = None,
     cache: dict | None = None,
+    fro_comms: Sequence = (),
 ) -> None:
     """SR-Sinkhorn on fragments: ``iterations`` x {(if ``rows``) every row to l2 norm sqrt(n); then (if
     ``columns``) every column to l2 norm sqrt(m)}; then, for each stack, W <- (1 - lr wd) W - lr x in one
     fused pass where ``fused_update`` is given and the stack qualifies, else ``apply(frags, x)``.
     ``row_comms`` / ``col_comms``: the collectives of the shards' row / column groups (every fragment
     of a chunk shares them); ``cache``: the optimizer's dict for ``chunk_geometry``.
+
+    The norm floor (``floor_norms``) is relative to each matrix's Frobenius norm. By default that norm
+    is summed from this axis's norms, which leaves out rows (columns) held only by other ranks where
+    the axis is not reduced (FSDP2's whole rows): harmless at an eps floor, which only touches rows
+    near zero, wrong for a floor near the matrix's scale (the "rowclip" fallback's). ``fro_comms``:
+    the collectives of the weights' holders; the matrices' local squared norms are all-reduced over
+    them each half-round (one vector of a float per matrix), so the floor is the single-process one.
 
     The iterate is diag(r) G diag(c): only the row scales r and column scales c change per half-round
     (see ``FragmentStack``). Row sums of squares come from fragment-local partial sums, all-reduced as
@@ -274,9 +282,11 @@ def normalize_rows_cols(
     col_scale = index.col_scale.fill_(1.0)
     for _ in range(iterations):
         if rows:
-            _normalize_axis(stacks, index, row_reduce, eps, rows=True, scale=row_scale, other=col_scale)
+            _normalize_axis(stacks, index, row_reduce, eps, rows=True, scale=row_scale, other=col_scale,
+                            fro_comms=fro_comms)
         if columns:
-            _normalize_axis(stacks, index, col_reduce, eps, rows=False, scale=col_scale, other=row_scale)
+            _normalize_axis(stacks, index, col_reduce, eps, rows=False, scale=col_scale, other=row_scale,
+                            fro_comms=fro_comms)
     fused = []  # one launch for every fusable fragment of the chunk
     for st in stacks:
         if fused_update is not None and st.fusable():
@@ -289,7 +299,7 @@ def normalize_rows_cols(
 
 
 def _normalize_axis(stacks, index: ChunkIndex, reduce: tuple, eps, *, rows: bool, scale: torch.Tensor,
-                    other: torch.Tensor) -> None:
+                    other: torch.Tensor, fro_comms: Sequence = ()) -> None:
     """One half-round: set the row (or column) scales so every row (column) of every matrix has l2 norm
     sqrt(n) (or sqrt(m)).
 
@@ -303,11 +313,18 @@ def _normalize_axis(stacks, index: ChunkIndex, reduce: tuple, eps, *, rows: bool
     other_sq = other.square()
     for st in stacks:
         (st.add_row_sumsq if rows else st.add_col_sumsq)(sumsq, other_sq)
+    matrix_of = index.row_matrix if rows else index.col_matrix
+    fro_sq = None
+    if fro_comms:  # this rank's part of each matrix's squared norm, summed over the holders
+        fro_sq = torch.zeros(index.count, dtype=torch.float32, device=device).index_add_(0, matrix_of, sumsq)
+        for comm in fro_comms:
+            comm.all_reduce_sum_(fro_sq)
     for comm in reduce:
         comm.all_reduce_sum_(sumsq)
-    matrix_of = index.row_matrix if rows else index.col_matrix
     norms = sumsq.clamp_min_(0).sqrt_()
-    fro = torch.zeros(index.count, dtype=torch.float32, device=device).index_add_(0, matrix_of, norms.square()).sqrt_()
+    if fro_sq is None:
+        fro_sq = torch.zeros(index.count, dtype=torch.float32, device=device).index_add_(0, matrix_of, norms.square())
+    fro = fro_sq.clamp_min_(0).sqrt_()
     count = index.m if rows else index.n  # how many rows (columns) share the matrix's norm
     target = (index.n if rows else index.m).sqrt()[matrix_of]  # each row gets norm sqrt(n)
     scale.copy_(target / floor_norms(norms, matrix_of, fro, count, eps))

@@ -12,6 +12,11 @@ instead of being frozen forever; a one-element tensor gets scale 1 (no spread to
 official code gives |g| / eps); scales are fp32 state that ``state_dict()`` carries, so a resume
 does not recompute them from a fresh gradient.
 
+Optional, and a departure from the paper (``fallback="adamw"``, ``fallback_lr_ratio``): param groups that
+``stateless_opt.param_groups`` marks ``rule="fallback"`` (embeddings, LM head, norms) take AdamW, or
+SGD-SaI at their own LR, at ``lr * fallback_lr_ratio``; SWAN/SinkGD's AdamW fallback does the step.
+Groups without that mark are SGD-SaI at ``lr``, as in the paper.
+
 Sharded: the g-SNR needs each weight's (sum, sum of squares) over all ranks: one all-reduce of
 scalars, once per weight (``gsnr_from_sums``); momentum lives on the local piece only. Fused paths:
 ``_fused_fp32_step``.
@@ -19,13 +24,16 @@ scalars, once per weight (``gsnr_from_sums``); momentum lives on the local piece
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
 from . import kernels
-from .config import OptimizerConfig
+from .config import AdamWFallbackConfig
+from .fallback import adamw_fallback, adamw_state
 from .layouts import local_views
-from .optimizer import StatelessOptimizer, StateSize, StepMasks
+from .optimizer import StatelessOptimizer, StateSize, StepMasks, adamw_fallback_state
 
 
 # ====================================================================================== the rule
@@ -61,7 +69,7 @@ def gsnr_from_sums(total: torch.Tensor, total_sq: torch.Tensor, count: torch.Ten
 
 
 # ====================================================================================== the optimizer
-class SGDSaIConfig(OptimizerConfig):
+class SGDSaIConfig(AdamWFallbackConfig):
     """SGD-SaI (arXiv 2412.11768): momentum SGD with each tensor's LR scaled once by its g-SNR."""
 
     lr: float = Field(1e-2, ge=0.0, description="learning rate (the official default is a ViT setting)")
@@ -70,6 +78,14 @@ class SGDSaIConfig(OptimizerConfig):
     weight_decay: float = Field(1e-2, ge=0.0, description="decoupled weight decay, not scaled by g-SNR")
     max_normalized_gsnr: bool = Field(
         False, description="the paper's Alg. 1 variant: divide every g-SNR by the max over all tensors"
+    )
+    fallback: Literal["sgdsai", "adamw"] = Field(
+        "sgdsai",
+        description="rule for param groups marked rule='fallback' (stateless_opt.param_groups: embeddings, "
+        "LM head, norms): SGD-SaI like every tensor (the paper), or AdamW (a departure from the paper)",
+    )
+    fallback_lr_ratio: float = Field(
+        1.0, gt=0.0, description="LR of the rule='fallback' groups = lr * ratio (1: the paper's single LR)"
     )
     fused: bool = Field(
         True,
@@ -93,22 +109,35 @@ class SGDSaI(StatelessOptimizer):
     uses_rules = False
     # one fp32 scale per weight: not flat-shaped (see host_state); on the host when steps are decided there
     host_state = frozenset({"gsnr"})
+    weight_state = frozenset({"gsnr"})
 
     def __init__(self, params, lr: float = 1e-2, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
+        if not any(g.get("rule") == "fallback" for g in self.param_groups):
+            custom = sorted({k for g in self.param_groups for k, default in (("fallback", "sgdsai"),
+                             ("fallback_lr_ratio", 1.0)) if g[k] != default})
+            if custom:
+                raise ValueError(
+                    f"SGDSaI: {', '.join(custom)} apply to param groups marked rule='fallback' and none is; "
+                    "pass stateless_opt.param_groups(model) (it marks embeddings, LM head and norms)"
+                )
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._known: set = set()  # (state id, index) of scales known to be set (device-decided steps)
 
     def _step_group(self, group, units, live) -> None:
-        if isinstance(live, StepMasks):
-            self._step_group_on_device(group, units, live)
+        masks = live if isinstance(live, StepMasks) else None
+        if _adamw_group(group):
+            adamw_fallback(self, group, units, self._group_lr(group, units, masks), masks)
+            return
+        if masks is not None:
+            self._step_group_on_device(group, units, masks)
             return
         fresh = self._init_scales(group, units)
         max_scale = self._max_gsnr() if group["max_normalized_gsnr"] else 1.0
         mu = group["momentum"]
-        lr = self._lr(group, units[0][0].device, None)
+        lr = self._group_lr(group, units, None)
         fused, params, updates, scales = [], [], [], []
         for t, shards in units:
             state = self.state[t]
@@ -128,6 +157,13 @@ class SGDSaI(StatelessOptimizer):
         _fused_fp32_step(fused, mu, lr, group["weight_decay"], max_scale)
         self._apply(params, updates, lr, group["weight_decay"], group, scales)
 
+    def _group_lr(self, group: dict, units, masks):
+        """The group's LR (``_lr``: its device scalar on device-decided steps), times
+        ``fallback_lr_ratio`` on a rule='fallback' group."""
+        device = units[0][0].device if not units[0][1] else units[0][1][0].grad.device
+        lr = self._lr(group, device, masks)
+        return lr * group["fallback_lr_ratio"] if group.get("rule") == "fallback" else lr
+
     def _step_group_on_device(self, group, units, masks) -> None:
         """The device-decided step: scales are taken on the device where a weight's is still NaN and its
         gradient is non-zero; each weight's mode (0 untouched, 1 first step, 2 later) is a device flag
@@ -137,6 +173,7 @@ class SGDSaI(StatelessOptimizer):
         self._learn_known_scales()
         mu = group["momentum"]
         sc = self.scalars(group, device)
+        lr = self._group_lr(group, units, masks)
         shards = [(self.state[t], s) for t, ss in units for s in ss]
         for state, _ in shards:
             if state["gsnr"].device != device:  # a host-decided run's checkpoint: once, eagerly
@@ -163,7 +200,7 @@ class SGDSaI(StatelessOptimizer):
             else:
                 rest.append((k, state, s, buf))
         if fused:
-            kernels.sgd_sai_step_(fused, lr=sc[0], weight_decay=sc[1], mu=mu,
+            kernels.sgd_sai_step_(fused, lr=lr, weight_decay=sc[1], mu=mu,
                                   max_scale=max_scale if max_scale is not None else 1.0, tables=self.launch_tables)
         params, updates, scales, keys_rest = [], [], [], []
         for k, state, s, buf in rest:
@@ -176,7 +213,7 @@ class SGDSaI(StatelessOptimizer):
             scales.append(scale / max_scale.double() if max_scale is not None else scale)
             keys_rest.append(s.key)
         if params:
-            self._apply(params, updates, sc[0], group["weight_decay"], group, scales, keys_rest)
+            self._apply(params, updates, lr, group["weight_decay"], group, scales, keys_rest)
 
     def _mode_buffer(self, group: dict, n: int, device) -> torch.Tensor:
         """The group's persistent fp32 mode flags (addressed by the kernel's cached launch table)."""
@@ -240,15 +277,21 @@ class SGDSaI(StatelessOptimizer):
     @classmethod
     def state_size(cls, group: dict, element_bytes: int) -> StateSize:
         """One momentum buffer like the stepped tensor, one fp32 scale per weight (on the device unless
-        steps are decided on the host)."""
+        steps are decided on the host); AdamW's on the rule='fallback' groups of ``fallback="adamw"``."""
+        if _adamw_group(group):
+            return adamw_fallback_state(group)
         return StateSize(per_element=float(element_bytes), per_weight=4, scalars_on_host=group.get("capturable") is False)
 
     def _ensure_state(self, group, units, shards) -> None:
         """One momentum buffer per tensor (like the weight, local shard only) and one fp32 scale per
         weight it holds (NaN until the weight's first non-zero gradient), on the host for host-decided
-        steps, beside the weight for device-decided ones."""
+        steps, beside the weight for device-decided ones; AdamW's moments instead for an AdamW fallback
+        group."""
         for t, ss in zip(units, shards):
             state = self.state[t]
+            if _adamw_group(group):
+                adamw_state(state, t, t.device if self._decides_on_device(group, t.device) else None)
+                continue
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
                 state["gsnr"] = torch.full((len(ss),), float("nan"), dtype=torch.float32,
@@ -290,6 +333,11 @@ class SGDSaI(StatelessOptimizer):
         """The paper's variant: the max g-SNR over every weight that has one so far."""
         values = [v for st in self.state.values() if "gsnr" in st for v in st["gsnr"].tolist() if v == v]
         return max(values) if values else 1.0
+
+
+def _adamw_group(group: dict) -> bool:
+    """A group stepped by the opt-in AdamW fallback (marked rule='fallback', ``fallback="adamw"``)."""
+    return group.get("rule") == "fallback" and group.get("fallback") == "adamw"
 
 
 def _sum_and_sumsq(g: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:

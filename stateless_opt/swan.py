@@ -361,6 +361,7 @@ class SWAN(MatrixRuleOptimizer):
     """
 
     config_cls = SWANConfig
+    run_by = "holders"  # whitening needs whole matrices only: one owner assignment over all of them
 
     def __init__(self, params, lr: float = 1e-3, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)

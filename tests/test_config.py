@@ -46,6 +46,9 @@ BAD = [
     (SGDSaI, "eps", 0.0, "greater than 0"),
     (SGDSaI, "weight_decay", -1e-2, "greater than or equal to 0"),
     (SGDSaI, "max_normalized_gsnr", "yes", "valid boolean"),
+    (SGDSaI, "fallback", "stateless", "sgdsai"),
+    (SGDSaI, "fallback_lr_ratio", 0.0, "greater than 0"),
+    (SGDSaI, "betas", (0.9, 1.0), "betas[1] must be in [0, 1)"),
     (SWAN, "stochastic_rounding", 1, "valid boolean"),
 ]
 
@@ -76,8 +79,8 @@ def test_bad_group_value_raises_naming_field_and_group(cls, field, value, hint):
 @pytest.mark.parametrize("cls,key", [
     (SWAN, "iterations"),  # SinkGD's, not SWAN's
     (SinkGD, "ns_steps"),
-    (SGDSaI, "fallback"),
-    (SGDSaI, "betas"),
+    (SGDSaI, "iterations"),
+    (SGDSaI, "whitening"),
     (SWAN, "momentum"),
     (SWAN, "learning_rate"),
 ])

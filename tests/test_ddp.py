@@ -56,14 +56,17 @@ def build(ctx, opt: str, how: str):
 
 @contextlib.contextmanager
 def count_whitened():
-    """Count the matrices this rank whitens (SWAN's direction is looked up at every step)."""
+    """Count the matrices this rank whitens, and their shapes (SWAN's direction is looked up at every
+    step)."""
     import stateless_opt.swan as swan_mod
 
-    counted = {"matrices": 0}
+    counted = {"matrices": 0, "shapes": []}
     orig = swan_mod.swan_direction
 
     def counting(g, **kw):
-        counted["matrices"] += len(g)  # a batch (B, m, n) or a list of B matrices
+        n = len(g)  # a batch (B, m, n) or a list of B matrices
+        counted["matrices"] += n
+        counted["shapes"] += [tuple(g[0].shape[-2:])] * n
         return orig(g, **kw)
 
     swan_mod.swan_direction = counting
@@ -191,7 +194,7 @@ def test_ddp_payload_swan_results_only(world):
         for per_step in per_rank:
             st = per_step[step]
             calls = st["calls"]
-            assert calls[0] == {"op": "all_reduce", "bytes": 4, "dtype": "torch.float32"}
+            assert calls[0] == {"op": "all_reduce", "bytes": 4, "dtype": "torch.float32", "reduce": "max"}
             assert st["bytes_sent"] == sum(c["bytes"] for c in calls)
             assert len(calls) > 1 and all(c["op"] == "all_to_all" for c in calls[1:])
             sent += sum(c["bytes"] for c in calls[1:])

@@ -272,17 +272,20 @@ CASES.add("fsdp_sinkgd_stateless_fallback", equivalence, (3,), opt="sinkgd", ext
 
 
 @contextlib.contextmanager
-def comm_spy():
+def comm_spy(redistribute: bool = False):
     """Inside: log every all_reduce / all_to_all_single (payload bytes as ``Collectives`` counts them)
-    and make every gathering collective raise."""
+    and make every gathering collective raise. ``redistribute``: allow ``DTensor.redistribute`` (tensor
+    parallelism without FSDP2 hands some gradients over in other placements: a local slice, or the
+    backend's own reduction of a sequence-parallel norm's partial gradient)."""
     from torch.distributed.tensor import DTensor
 
     log: list[dict] = []
     orig_ar, orig_a2a = dist.all_reduce, dist.all_to_all_single
 
-    def all_reduce(tensor, *a, **k):
-        log.append({"op": "all_reduce", "bytes": tensor.numel() * tensor.element_size(), "dtype": str(tensor.dtype)})
-        return orig_ar(tensor, *a, **k)
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, *a, **k):
+        log.append({"op": "all_reduce", "bytes": tensor.numel() * tensor.element_size(), "dtype": str(tensor.dtype),
+                    "reduce": "max" if op == dist.ReduceOp.MAX else "sum" if op == dist.ReduceOp.SUM else str(op)})
+        return orig_ar(tensor, op, *a, **k)
 
     def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, **k):
         me = dist.get_rank(group)
@@ -300,7 +303,7 @@ def comm_spy():
     for name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object", "all_to_all",
                  "broadcast", "gather"):
         patches.append((dist, name, forbidden(f"torch.distributed.{name}")))
-    for name in ("full_tensor", "redistribute"):
+    for name in ("full_tensor",) if redistribute else ("full_tensor", "redistribute"):
         patches.append((DTensor, name, forbidden(f"DTensor.{name}")))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
