@@ -115,8 +115,10 @@ def register() -> None:
 
     * ``_is_supported_optimizer``: our names pass DeepSpeed's sanity check, any case;
     * ``_configure_basic_optimizer``: builds ours from the JSON ``params`` (validated, fields named);
-    * ``_configure_optimizer``: refuses configurations our layouts do not cover, and puts the layout
-      first in our optimizer's ``layouts`` once DeepSpeed has built its ZeRO wrapper (all doors);
+    * ``_configure_optimizer``: refuses configurations our layouts do not cover, gives each rule its own
+      param group before ZeRO flattens each group into one buffer (``split_groups_by_rule``: matrix and
+      fallback weights keep different state), and puts the layout first in our optimizer's ``layouts``
+      once DeepSpeed has built its ZeRO wrapper (all doors);
     * ``save_checkpoint``: with one of ours under ZeRO, also writes which weight each rank's saved
       partition holds (``stateless_opt_layout.json``), what ``ds_to_universal`` (ours) converts from.
     """
@@ -152,6 +154,7 @@ def register() -> None:
                 check_engine(self, cls, client=False)
         elif isinstance(client_optimizer, StatelessOptimizer):
             check_engine(self, type(client_optimizer), client=True)
+            client_optimizer.split_groups_by_rule()
         elif not isinstance(client_optimizer, torch.optim.Optimizer) and callable(client_optimizer):
             factory = client_optimizer
 
@@ -159,6 +162,7 @@ def register() -> None:
                 opt = _factory(params)
                 if isinstance(opt, StatelessOptimizer):
                     check_engine(_engine, type(opt), client=True)
+                    opt.split_groups_by_rule()
                 return opt
 
         orig_configure(self, client_optimizer, model_parameters)
@@ -239,19 +243,20 @@ def json_groups(module: torch.nn.Module, model_parameters, *, uses_rules: bool =
     out = []
     for g in groups:
         params = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
-        given_names = g.get("names")
+        given_names = g.pop("param_names", None) or g.pop("names", None)
+        if params and all(isinstance(p, tuple) for p in params):  # named_parameters()
+            given_names, params = [n for n, _ in params], [p for _, p in params]
         g_names = list(given_names) if given_names else [names.get(id(p), f"param{j}") for j, p in enumerate(params)]
         if not uses_rules or "rule" in g:
-            out.append({**g, "params": params, "names": g_names})
+            out.append({**g, "params": params, "param_names": g_names})
             continue
-        batch_dims = g.get("batch_dims", 0)
         parts: dict[str, dict] = {}
         for p, n in zip(params, g_names):
-            matrix = id(p) not in special and len(true_shape(p)) >= 2 + batch_dims
+            matrix = id(p) not in special and len(true_shape(p)) >= 2
             rule = "matrix" if matrix else "fallback"
-            part = parts.setdefault(rule, {**g, "params": [], "names": [], "rule": rule})
+            part = parts.setdefault(rule, {**g, "params": [], "param_names": [], "rule": rule})
             part["params"].append(p)
-            part["names"].append(n)
+            part["param_names"].append(n)
         if "fallback" in parts:
             parts["fallback"].pop("batch_dims", None)
         out.extend(parts[r] for r in ("matrix", "fallback") if r in parts)
@@ -261,7 +266,9 @@ def json_groups(module: torch.nn.Module, model_parameters, *, uses_rules: bool =
 def build_from_json(engine, cls: type[StatelessOptimizer], model_parameters) -> StatelessOptimizer:
     params = json_params(cls, engine.optimizer_params(), engine.optimizer_name())
     groups = json_groups(engine.module, model_parameters, uses_rules=cls.uses_rules)
-    return cls(groups, **params)
+    opt = cls(groups, **params)
+    opt.split_groups_by_rule()
+    return opt
 
 
 def fill_auto(config: dict, values: dict[str, Any]) -> dict:

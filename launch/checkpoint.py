@@ -1,33 +1,39 @@
 """Checkpoints of launch/train.py: written atomically, found again after any crash, loaded without
-running code.
+running code, resumable at another backend, world size, ZeRO stage or tp.
 
 One checkpoint is a folder ``<checkpoint dir>/step_00000050/``::
 
-    meta.json      format, step, world size, backend, optimizer, training time so far, resolved config
-    state.pt       rank 0: step and LR scheduler; single/DDP also the model and optimizer (identical on
-                   every rank there)
-    rank00000.pt   every rank: its RNG states; FSDP2 also this rank's model and optimizer shards
+    meta.json      formats, step, layout (backend, world size, ZeRO stage, tp), optimizer, training
+                   time so far, resolved config
+    state.pt       rank 0: step and LR scheduler (+ DeepSpeed's step counters); native single/DDP also
+                   the model and optimizer (identical on every rank there)
+    rank00000.pt   every rank: its RNG states; native FSDP2 also this rank's model and optimizer shards
                    (DTensors stored as their local tensors, re-wrapped on load)
-    deepspeed/     DeepSpeed: the engine's own ``save_checkpoint`` (model, ZeRO partitions, scheduler)
+    deepspeed/     native DeepSpeed: the engine's own ``save_checkpoint`` (model, ZeRO partitions, scheduler)
+    portable/      portable: ``stateless_opt.checkpoint.save_portable`` (safetensors + JSON): the optimizer
+                   state and the weights it steps (fp32 masters under ZeRO), by parameter name
+
+**Formats** (``checkpoint.format``; ``FORMATS``): ``native`` is each rank's own shards, so it resumes
+at the same backend, world size, ZeRO stage and tp only; ``portable`` resumes at any (each rank reads the
+rectangles it holds). ``both`` writes the two; a resume takes the first of a checkpoint's formats whose
+``can_load`` accepts this run's layout (native where it can: the engine's own, exact, usable by
+DeepSpeed's tools). The step, LR scheduler and RNG (the data order is a function of the step) are
+written the same way for every format; a rank the saving run did not have takes rank 0's RNG states.
 
 **Writing** (``save``), correct on every rank's view of a shared filesystem: rank 0 makes a fresh
 ``.step_00000050.partial`` folder (removing a killed attempt's leftover); every rank writes its files
-into it and fsyncs them; after a barrier rank 0 writes ``meta.json`` and renames the folder to
-``step_00000050`` (an atomic rename of a folder whose files are all on disk), then every rank checks
-that it sees its own file under the final name (a node-local ``checkpoint.dir`` fails here, at the
-first checkpoint, not at the resume). A ``step_*`` folder is therefore complete by construction: a kill
-at any point leaves either the previous checkpoints alone or one more complete one. Retention deletes
-the oldest complete checkpoints beyond ``keep``, never one newer than the checkpoint just written.
+into it (every format's) and fsyncs them; after a barrier rank 0 writes ``meta.json`` and renames the
+folder to ``step_00000050`` (an atomic rename of a folder whose files are all on disk), then every rank
+checks that it sees its own file under the final name (a node-local ``checkpoint.dir`` fails here, at
+the first checkpoint, not at the resume). A ``step_*`` folder is therefore complete by construction: a
+kill at any point leaves either the previous checkpoints alone or one more complete one. Retention
+deletes the oldest complete checkpoints beyond ``keep``, never one newer than the checkpoint just written.
 
-**Reading** (``load``): every file goes through ``torch.load(..., weights_only=True)`` (tensors,
+**Reading** (``load``): every ``.pt`` file goes through ``torch.load(..., weights_only=True)`` (tensors,
 numbers, strings and containers only; DeepSpeed's loads too, through its checkpoint engine, with three
-of its plain data classes allow-listed), so a checkpoint from someone else cannot run code; one that
-carries any other pickled object is refused with an error naming the file. ``meta.json`` is JSON.
-
-**Formats**: ``meta.json["format"]`` names how the state was laid out; ``FORMATS`` maps it to its
-writer, reader and applier. ``native`` is each rank's own shards, so it resumes at the same backend and world size only. A
-portable format (optimizer state by parameter name, any backend and world size) plugs in as another
-entry, with ``can_load`` deciding which format a resume at another layout needs.
+of its plain data classes allow-listed), the portable files are safetensors and JSON, so a checkpoint
+from someone else cannot run code; one that carries any other pickled object is refused with an error
+naming the file. ``meta.json`` is JSON.
 """
 
 from __future__ import annotations
@@ -231,40 +237,72 @@ class Parts:
     rank: int
     world: int
     engine: Any = None
+    tp: int = 1  # tensor-parallel degree (backend fsdp2): each rank's shards depend on it
+
+
+def layout_of(parts: Parts) -> dict[str, Any]:
+    """Where a run's state lives: backend, world size, ZeRO stage (None without DeepSpeed) and tp."""
+    stage = parts.engine.zero_optimization_stage() if parts.engine is not None else None
+    return {"backend": parts.backend, "world_size": parts.world, "zero_stage": stage, "tp": parts.tp}
+
+
+_LAYOUT = (("backend", "backend"), ("world_size", "ranks"), ("zero_stage", "ZeRO stage"), ("tp", "tp"))
+
+
+def layout_changes(meta: dict, layout: dict) -> list[str]:
+    """What differs between the layout a checkpoint was written at and ``layout``: ``"ranks 2 -> 1"``."""
+    out = []
+    for key, label in _LAYOUT:
+        # a checkpoint of before zero_stage / tp were recorded: no DeepSpeed stage to compare, tp 1
+        saved = meta.get(key, 1 if key == "tp" else layout[key])
+        if saved != layout[key]:
+            out.append(f"{label} {'none' if saved is None else saved} -> {'none' if layout[key] is None else layout[key]}")
+    return out
+
+
+# --------------------------------------------------------------------------- the common part
+# Every checkpoint, whatever its formats, holds what the launch needs beyond the model and optimizer:
+# state.pt (rank 0) the step and the LR scheduler; rank*.pt (every rank) its RNG states. A format adds
+# its own entries to these two files and/or writes its own files beside them.
+def _save_common(out: Path, step: int, parts: Parts, formats: tuple[str, ...]) -> None:
+    shared: dict[str, Any] = {"step": step, "scheduler": parts.scheduler.state_dict()}
+    per_rank: dict[str, Any] = {"rng": rng_state()}
+    for name in formats:
+        FORMATS[name].save(out, parts, shared, per_rank)
+    _save(per_rank, out / f"rank{parts.rank:05d}.pt")
+    if parts.rank == 0:
+        _save(shared, out / "state.pt")
+
+
+def _read_common(path: Path, meta: dict, parts: Parts) -> dict[str, Any]:
+    """state.pt and this rank's rank*.pt (a rank the saving run did not have: rank 0's RNG, which every
+    rank starts from, seeded alike)."""
+    rank = parts.rank if parts.rank < int(meta["world_size"]) else 0
+    return {"shared": safe_load(path / "state.pt"), "rank": safe_load(path / f"rank{rank:05d}.pt")}
 
 
 # --------------------------------------------------------------------------- the native format
-def _save_native(out: Path, step: int, parts: Parts) -> None:
-    per_rank: dict[str, Any] = {"rng": rng_state()}
+def _save_native(out: Path, parts: Parts, shared: dict, per_rank: dict) -> None:
     if parts.backend == "deepspeed":
         parts.engine.save_checkpoint(str(out), tag="deepspeed", save_latest=False)
     elif parts.backend == "fsdp2":
         per_rank["model"] = local_model_state(parts.model)
         per_rank["optimizer"], per_rank["optimizer_dtensors"] = local_optimizer_state(parts.optimizer)
-    _save(per_rank, out / f"rank{parts.rank:05d}.pt")
-    if parts.rank == 0:
-        shared: dict[str, Any] = {"step": step, "scheduler": parts.scheduler.state_dict()}
-        if parts.backend in ("single", "ddp"):
-            shared["model"] = getattr(parts.model, "module", parts.model).state_dict()
-            shared["optimizer"] = parts.optimizer.state_dict()
-        _save(shared, out / "state.pt")
+    elif parts.rank == 0:
+        shared["model"] = getattr(parts.model, "module", parts.model).state_dict()
+        shared["optimizer"] = parts.optimizer.state_dict()
 
 
-def _read_native(path: Path, meta: dict, parts: Parts) -> dict[str, Any]:
-    """This rank's files, safely loaded (nothing is applied yet)."""
-    if meta["backend"] != parts.backend or meta["world_size"] != parts.world:
-        raise CheckpointError(
-            f"checkpoint {path} was written by backend={meta['backend']} with {meta['world_size']} ranks; this run "
-            f"is backend={parts.backend} with {parts.world}: resume with the same backend and world size"
-        )
-    return {"shared": safe_load(path / "state.pt"), "rank": safe_load(path / f"rank{parts.rank:05d}.pt")}
+def _read_native(path: Path, meta: dict, parts: Parts) -> None:
+    """Nothing beyond the common files (DeepSpeed's engine reads its own, through ``safe_load``)."""
 
 
-def _apply_native(staged: "Staged", parts: Parts, *, optimizer_state: bool, scheduler_state: bool) -> int:
+def _apply_native(staged: "Staged", parts: Parts, *, optimizer_state: bool, scheduler_state: bool) -> bool:
     shared, per_rank = staged.files["shared"], staged.files["rank"]
     if parts.backend == "deepspeed":
         _deepspeed_load(parts.engine, staged.path, optimizer_state=optimizer_state, scheduler_state=scheduler_state)
-    elif parts.backend == "fsdp2":
+        return True  # DeepSpeed's checkpoint restores the scheduler the engine steps
+    if parts.backend == "fsdp2":
         load_local_model_state(parts.model, per_rank["model"])
         if optimizer_state:
             load_local_optimizer_state(parts.optimizer, per_rank["optimizer"], per_rank["optimizer_dtensors"])
@@ -272,10 +310,11 @@ def _apply_native(staged: "Staged", parts: Parts, *, optimizer_state: bool, sche
         getattr(parts.model, "module", parts.model).load_state_dict(shared["model"])
         if optimizer_state:
             parts.optimizer.load_state_dict(shared["optimizer"])
-    if scheduler_state and parts.backend != "deepspeed":
-        parts.scheduler.load_state_dict(shared["scheduler"])
-    set_rng_state(per_rank["rng"])
-    return int(shared["step"])
+    return False
+
+
+def _native_loads(meta: dict, layout: dict) -> bool:
+    return not layout_changes(meta, layout)
 
 
 def _deepspeed_load(engine, path: Path, *, optimizer_state: bool, scheduler_state: bool) -> None:
@@ -294,23 +333,114 @@ def _deepspeed_load(engine, path: Path, *, optimizer_state: bool, scheduler_stat
         raise CheckpointError(f"{path}/deepspeed: DeepSpeed found no checkpoint to load")
 
 
+# --------------------------------------------------------------------------- the portable format
+PORTABLE = "portable"  # the folder stateless_opt.checkpoint writes into
+
+
+def _module(parts: Parts):
+    return parts.engine if parts.engine is not None else parts.model
+
+
+def _save_portable(out: Path, parts: Parts, shared: dict, per_rank: dict) -> None:
+    """``stateless_opt.checkpoint.save_portable``: the optimizer's state and the weights it steps (the fp32
+    masters under ZeRO, which a resume must continue from), by parameter name; its files fsynced like ours."""
+    from stateless_opt import checkpoint as portable
+
+    try:
+        folder = portable.save_portable(_module(parts), parts.optimizer, out / PORTABLE)
+    except portable.CheckpointError as err:
+        raise CheckpointError(f"checkpoint.format portable: {err}") from None
+    box = [_outside(parts, set(json.loads((folder / portable.INDEX).read_text())["weights"]))
+           if parts.rank == 0 else None]
+    if dist.is_initialized() and parts.world > 1:
+        dist.broadcast_object_list(box, src=0)  # rank 0's verdict: every rank raises, or none
+    outside = box[0]
+    if outside:
+        raise CheckpointError(f"checkpoint.format portable holds the weights the optimizer steps; this model also has "
+                              f"{outside[:6]} (buffers or frozen weights), which a resume would lose: use "
+                              "--checkpoint.format=native")
+    if (folder / portable.rank_file(parts.rank)).exists():
+        _fsync(folder / portable.rank_file(parts.rank))
+    if parts.rank == 0:
+        _fsync(folder / portable.INDEX)
+        _fsync_dir(folder)
+    if parts.engine is not None:  # the engine's counters (its native checkpoint carries them)
+        shared["engine"] = {"global_steps": parts.engine.global_steps, "global_samples": parts.engine.global_samples,
+                            "skipped_steps": parts.engine.skipped_steps}
+
+
+def _outside(parts: Parts, saved: set[str]) -> list[str]:
+    """Entries of the model's ``state_dict`` the portable checkpoint does not hold (tied weights count
+    under any of their names)."""
+    module = parts.engine.module if parts.engine is not None else getattr(parts.model, "module", parts.model)
+    every = dict(module.named_parameters(remove_duplicate=False))
+    first = {id(p): n for n, p in module.named_parameters()}
+    return [k for k in module.state_dict() if k not in every or first[id(every[k])] not in saved]
+
+
+def _read_portable(path: Path, meta: dict, parts: Parts) -> None:
+    """The index (JSON) is read and checked here; the tensors are read by ``load_portable``, each rank
+    only the rectangles it holds (safetensors: no code runs)."""
+    from stateless_opt import checkpoint as portable
+
+    try:
+        portable.Reader(path / PORTABLE).close()
+    except (portable.CheckpointError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _apply_portable(staged: "Staged", parts: Parts, *, optimizer_state: bool, scheduler_state: bool) -> bool:
+    from stateless_opt import checkpoint as portable
+
+    try:
+        portable.load_portable(_module(parts), parts.optimizer, staged.path / PORTABLE,
+                               optimizer_state=optimizer_state)
+    except portable.CheckpointError as err:
+        raise CheckpointError(str(err)) from None
+    if parts.engine is not None:
+        step = int(staged.files["shared"]["step"])
+        counters = staged.files["shared"].get("engine") or {}
+        parts.engine.global_steps = counters.get("global_steps", step)
+        parts.engine.global_samples = counters.get("global_samples", step * parts.engine.train_batch_size())
+        parts.engine.skipped_steps = counters.get("skipped_steps", 0)
+    return False
+
+
 @dataclass(frozen=True)
 class Format:
-    """How a checkpoint's state is laid out: ``save`` writes this rank's part into a folder; ``read``
-    safely loads this rank's files (every rank reads before any applies, so a refused or missing file
-    stops all ranks together); ``apply`` restores them into the run; ``can_load`` says whether a run of
-    this backend and world size can resume it."""
+    """How a checkpoint's model and optimizer state is laid out. ``save`` writes this rank's part (its own
+    files in the folder, or entries of the common ``state.pt`` / ``rank*.pt`` dicts); ``read`` checks what
+    this rank will load (every rank reads before any applies, so a refused or missing file stops all
+    ranks together); ``apply`` restores it (True: it restored the LR scheduler too); ``can_load`` says
+    whether a run at ``layout`` (``layout_of``) can resume it; ``what`` is its one-line description."""
 
-    save: Callable[[Path, int, Parts], None]
-    read: Callable[[Path, dict, Parts], dict]
-    apply: Callable[..., int]
-    can_load: Callable[[dict, Parts], bool]
+    save: Callable[[Path, Parts, dict, dict], None]
+    read: Callable[[Path, dict, Parts], None]
+    apply: Callable[..., bool]
+    can_load: Callable[[dict, dict], bool]
+    what: str
+
+
+def _same_layout(meta: dict, parts: Parts) -> bool:
+    return (meta["backend"], meta["world_size"], meta.get("tp", 1)) == (parts.backend, parts.world, parts.tp)
 
 
 FORMATS: dict[str, Format] = {
-    "native": Format(_save_native, _read_native, _apply_native,
-                     lambda meta, parts: meta["backend"] == parts.backend and meta["world_size"] == parts.world),
+    "native": Format(_save_native, _read_native, _apply_native, _native_loads,
+                     "each rank's own shards: the same backend, world size, ZeRO stage and tp"),
+    "portable": Format(_save_portable, _read_portable, _apply_portable, lambda meta, layout: True,
+                       "by parameter name: any backend, world size, ZeRO stage and tp"),
 }
+
+
+def formats_of(meta: dict) -> list[str]:
+    """The formats a checkpoint was written in, the preferred first."""
+    return list(meta.get("formats") or [meta.get("format", "native")])
+
+
+def choose(meta: dict, layout: dict) -> str | None:
+    """The first of the checkpoint's formats a run at ``layout`` can load (None: none can)."""
+    return next((f for f in formats_of(meta) if f in FORMATS and FORMATS[f].can_load(meta, layout)), None)
 
 
 @dataclass
@@ -319,7 +449,7 @@ class Staged:
 
     path: Path
     meta: dict
-    format: Format
+    format: str
     files: dict
 
 
@@ -336,8 +466,13 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def save(root: Path, step: int, parts: Parts, meta_extra: dict, *, keep: int, fmt: str = "native") -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically (see the module docstring); every rank calls."""
+def save(root: Path, step: int, parts: Parts, meta_extra: dict, *, keep: int,
+         formats: tuple[str, ...] = ("native",)) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically (see the module docstring) in ``formats``
+    (``FORMATS`` names, the preferred first); every rank calls."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise CheckpointError(f"checkpoint formats {list(formats)}: known are {', '.join(FORMATS)}")
     root = Path(root)
     final, partial = step_dir(root, step), root / f".{PREFIX}{step:08d}{PARTIAL}"
     if parts.rank == 0:
@@ -345,10 +480,10 @@ def save(root: Path, step: int, parts: Parts, meta_extra: dict, *, keep: int, fm
         shutil.rmtree(partial, ignore_errors=True)  # a killed attempt's leftover
         partial.mkdir()
     _barrier()
-    FORMATS[fmt].save(partial, step, parts)
+    _save_common(partial, step, parts, tuple(formats))
     _barrier()
     if parts.rank == 0:
-        meta = {"format": fmt, "version": VERSION, "step": step, "world_size": parts.world, "backend": parts.backend,
+        meta = {"format": formats[0], "formats": list(formats), "version": VERSION, "step": step, **layout_of(parts),
                 **meta_extra}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1))
         _fsync(partial / "meta.json")
@@ -383,14 +518,37 @@ def _check_visible(path: Path, wait_s: float = 5.0) -> None:
 
 
 def read(path: Path, parts: Parts) -> Staged:
-    """Read this rank's part of checkpoint ``path`` (``weights_only``); raises ``CheckpointError``."""
+    """Read this rank's part of checkpoint ``path`` (``weights_only``) in the first of its formats this
+    run's layout can load; raises ``CheckpointError``."""
     path = Path(path)
     meta = read_meta(path)
-    fmt = FORMATS.get(meta.get("format", "native"))
-    if fmt is None:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not known to this version "
+    unknown = [f for f in formats_of(meta) if f not in FORMATS]
+    if len(unknown) == len(formats_of(meta)):
+        raise CheckpointError(f"{path}: format {', '.join(unknown)} is not known to this version "
                               f"(known: {', '.join(FORMATS)})")
-    return Staged(path, meta, fmt, fmt.read(path, meta, parts))
+    name = choose(meta, layout_of(parts))
+    if name is None:
+        raise CheckpointError(refusal(path, meta, layout_of(parts)))
+    FORMATS[name].read(path, meta, parts)
+    return Staged(path, meta, name, _read_common(path, meta, parts))
+
+
+def refusal(path: Path, meta: dict, layout: dict) -> str:
+    """Why no format of checkpoint ``path`` loads at ``layout``, and what to do instead."""
+    formats = formats_of(meta)
+    saved = (f"backend={meta['backend']} with {rank_count(meta['world_size'])}"
+             + (f", ZeRO stage {meta['zero_stage']}" if meta.get("zero_stage") is not None else "")
+             + (f", tp {meta['tp']}" if meta.get("tp", 1) > 1 else ""))
+    stage = f" and the DeepSpeed JSON of ZeRO stage {meta['zero_stage']}" if meta.get("zero_stage") is not None else ""
+    stage += f" --tp {meta['tp']}" if meta.get("tp", 1) > 1 else ""
+    return (f"checkpoint {path} holds only the {'/'.join(formats)} format ({FORMATS[formats[0]].what}), written by "
+            f"{saved}; this run differs: {', '.join(layout_changes(meta, layout))}. Resume it with "
+            f"--backend {meta['backend']} on {rank_count(meta['world_size'])}{stage}; to move a run to another layout, "
+            "write its checkpoints with --checkpoint.format=both (or portable; the default for swan, sinkgd, sgdsai)")
+
+
+def rank_count(n: int) -> str:
+    return f"{n} rank" + ("" if n == 1 else "s")
 
 
 def load(checkpoint: Path | Staged, parts: Parts, *, optimizer_state: bool = True, scheduler_state: bool = True) -> int:
@@ -398,4 +556,8 @@ def load(checkpoint: Path | Staged, parts: Parts, *, optimizer_state: bool = Tru
     from. ``optimizer_state`` False: not the optimizer's state (a checkpoint of another optimizer);
     ``scheduler_state`` False: not the LR schedule's (the caller places its own at the step)."""
     staged = checkpoint if isinstance(checkpoint, Staged) else read(checkpoint, parts)
-    return staged.format.apply(staged, parts, optimizer_state=optimizer_state, scheduler_state=scheduler_state)
+    done = FORMATS[staged.format].apply(staged, parts, optimizer_state=optimizer_state, scheduler_state=scheduler_state)
+    if scheduler_state and not done:
+        parts.scheduler.load_state_dict(staged.files["shared"]["scheduler"])
+    set_rng_state(staged.files["rank"]["rng"])
+    return int(staged.files["shared"]["step"])

@@ -8,13 +8,15 @@ Sections (each a pydantic model; unknown keys are errors that name the key):
                  (``swan`` / ``sinkgd`` / ``sgdsai``, each the library's own pydantic config, so names,
                  defaults and bounds are the library's, checked at load time) and ``adamw``
 * ``training``   steps, batch, schedule (warm-up + cosine), evaluation and logging cadence, seed
-* ``checkpoint`` cadence, retention, resume (``auto``: from the newest complete checkpoint, if any)
+* ``checkpoint`` cadence, retention, resume (``auto``: from the newest complete checkpoint, if any),
+                 format (``native`` / ``portable`` / ``both``: which layouts can resume it)
 * ``backend``    single | ddp | fsdp2 | deepspeed, process-group backend, DeepSpeed JSON
 * ``run``        output folder (metrics.jsonl, loss.png, resolved config, checkpoints)
 
 Command-line overrides: ``--training.steps=50``, ``--training.steps 50`` or ``--set training.steps=50``;
 values are parsed as YAML (``1e-3`` is a float, ``[0.9, 0.95]`` a list, ``null`` None). Shortcuts:
 ``--optimizer NAME`` = ``--optimizer.name=NAME``, ``--backend NAME`` = ``--backend.name=NAME``,
+``--tp N`` = ``--backend.tp=N``,
 ``--resume [auto|never|latest|PATH]`` = ``--checkpoint.resume=...`` (no value: ``latest``).
 """
 
@@ -66,7 +68,8 @@ class ConfigError(UserError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # every float finite: an inf / NaN (YAML's .inf / .nan, --x=inf) is refused naming the field
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- sections
@@ -107,7 +110,7 @@ class DataSection(Section):
 class AdamWConfig(BaseModel):
     """The baseline: ``torch.optim.AdamW`` on the same param groups (same names as the fallback's)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     lr: float = Field(1e-3, ge=0, description="learning rate")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")
@@ -192,6 +195,12 @@ class CheckpointSection(Section):
         description="resume although the checkpoint was written with another optimizer, model, data or schedule "
         "(refused by default); the weights load, the optimizer state only from the same optimizer",
     )
+    format: Literal["auto", "native", "portable", "both"] = Field(
+        "auto",
+        description="native: each rank's own shards (resumes at the same backend, world size and ZeRO stage); "
+        "portable: stateless_opt.checkpoint's format (resumes at any); both: the two, a resume takes native "
+        "where it can; auto: both for swan/sinkgd/sgdsai, native for adamw (torch's, not portable)",
+    )
 
 
 class BackendSection(Section):
@@ -201,6 +210,10 @@ class BackendSection(Section):
         None, description="DeepSpeed JSON (null: configs/ds_zero2_<optimizer>.json; relative paths also from configs/)"
     )
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered weights after forward")
+    tp: int = Field(
+        1, ge=1, description="tensor-parallel degree (backend fsdp2): TP over groups of tp consecutive ranks, "
+        "FSDP2 across them (world / tp ranks); must divide the world size and the (KV) head counts",
+    )
     timeout_min: float = Field(10.0, gt=0, description="process-group timeout")
 
 
@@ -238,17 +251,48 @@ class TrainConfig(Section):
             )
         if self.training.warmup > self.training.steps:
             raise ValueError(f"training.warmup_steps={self.training.warmup} > training.steps={self.training.steps}")
+        if self.optimizer.name == "adamw" and self.checkpoint.format in ("portable", "both"):
+            raise ValueError(f"checkpoint.format={self.checkpoint.format}: the portable checkpoint holds stateless_opt "
+                             "optimizers (swan, sinkgd, sgdsai), not optimizer.name=adamw (torch's AdamW): use native")
         shape = self.model.shape()
         if shape["hidden_size"] % shape["num_heads"]:
             raise ValueError(f"model.hidden_size={shape['hidden_size']} is not divisible by num_heads={shape['num_heads']}")
+        tp = self.backend.tp
+        if tp > 1:
+            if self.backend.name != "fsdp2":
+                raise ValueError(f"backend.tp={tp} needs backend.name=fsdp2 (TP inside, FSDP2 across), "
+                                 f"not {self.backend.name!r}")
+            heads = {"num_heads": shape["num_heads"], "num_kv_heads": self.model.num_kv_heads or shape["num_heads"]}
+            for name, n in heads.items():
+                if n % tp:
+                    raise ValueError(f"backend.tp={tp} does not divide model.{name}={n} (TP splits the heads)")
+            if self.model.tie_embeddings:
+                raise ValueError(f"backend.tp={tp} with model.tie_embeddings=true: parallelize_module distributes the "
+                                 "embedding's and the LM head's weight separately, which unties them; untie them "
+                                 "or use backend.tp=1")
         return self
+
+    def check_world(self, world: int) -> None:
+        """What only the launcher's world size can tell: ``backend.tp`` divides it."""
+        if world % self.backend.tp:
+            raise ConfigError(f"backend.tp={self.backend.tp} does not divide the world size {world} (TP groups "
+                              "of tp ranks, FSDP2 across them)")
 
     @property
     def run_dir(self) -> Path:
         if self.run.dir:
             return Path(self.run.dir)
         backend = "" if self.backend.name == "single" else f"-{self.backend.name}"
+        backend += f"-tp{self.backend.tp}" if self.backend.tp > 1 else ""
         return Path("runs") / f"{self.run.name}-{self.optimizer.name}{backend}"
+
+    @property
+    def checkpoint_formats(self) -> tuple[str, ...]:
+        """The formats each checkpoint is written in (``launch.checkpoint.FORMATS``), the preferred first."""
+        fmt = self.checkpoint.format
+        if fmt == "auto":
+            fmt = "native" if self.optimizer.name == "adamw" else "both"
+        return ("native", "portable") if fmt == "both" else (fmt,)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -265,17 +309,22 @@ class TrainConfig(Section):
 
 
 # Fields that change what a run computes. A checkpoint or run folder written with other values is another
-# run: resuming it is refused unless checkpoint.allow_changes (the rest, e.g. logging and the checkpoint
-# cadence, may change between attempts).
+# run: resuming it is refused unless checkpoint.allow_changes (the rest, e.g. logging, the checkpoint
+# cadence and the layout -- backend, world size, ZeRO stage, tp -- may change between attempts; the
+# layout only where the checkpoint's format can be loaded there, which runs.plan checks).
 _SAME_RUN = ("model", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len", "data.max_train_tokens",
              "optimizer.name", "optimizer.fallback_weight_decay", "training.steps", "training.batch_size",
              "training.grad_accum", "training.warmup_steps", "training.min_lr_ratio", "training.grad_clip",
-             "training.seed", "training.autocast", "backend.name")
+             "training.seed", "training.autocast")
+_GLOBAL_BATCH = "training.batch_size x data-parallel ranks"
 
 
-def run_differences(old: dict, new: dict) -> list[str]:
+def run_differences(old: dict, new: dict, worlds: tuple[int, int] | None = None) -> list[str]:
     """``"section.key: old -> new"`` for every field that changes what the run computes (dumped configs):
-    ``_SAME_RUN`` and the selected optimizer's hyper-parameters."""
+    ``_SAME_RUN`` and the selected optimizer's hyper-parameters. With ``worlds`` (the data-parallel
+    ranks of the old and the new run: world size / tp), the batch is compared as the global one: each
+    step's windows are a function of (seed, step, batch_size x data-parallel ranks), so 2 ranks of 2 and
+    1 of 4 are the same run."""
     def flat(tree: Any, prefix: str) -> dict[str, Any]:
         if isinstance(tree, dict):
             return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
@@ -285,6 +334,9 @@ def run_differences(old: dict, new: dict) -> list[str]:
     out = []
     for key in keys:
         fa, fb = flat(_lookup(old, key), key), flat(_lookup(new, key), key)
+        if key == "training.batch_size" and worlds is not None:
+            fa, fb = ({_GLOBAL_BATCH: b * w if isinstance(b, int) and isinstance(w, int) else b}
+                      for b, w in ((fa[key], worlds[0]), (fb[key], worlds[1])))
         for k in sorted(set(fa) | set(fb)):
             a, b = fa.get(k, "<unset>"), fb.get(k, "<unset>")
             if a != b:
@@ -422,6 +474,8 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]], dict[
             overrides.append(_split(inline if eq else take_value(name)))
         elif name in ("--optimizer", "--backend"):
             overrides.append((f"{name[2:]}.name", inline if eq else take_value(name)))
+        elif name == "--tp":
+            overrides.append(("backend.tp", parse_value(inline if eq else take_value(name))))
         elif name == "--resume":
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if eq:
@@ -443,7 +497,7 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]], dict[
         else:
             raise ConfigError(
                 f"unknown argument {arg!r}; use --config FILE, --section.key=value, --set section.key=value, "
-                "--optimizer NAME, --backend NAME, --resume [auto|never|latest|PATH], --print-config, --help"
+                "--optimizer NAME, --backend NAME, --tp N, --resume [auto|never|latest|PATH], --print-config, --help"
             )
         i += 1
     return path, overrides, flags

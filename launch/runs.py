@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
     new = dump(cfg)
     hint = "pick another --run.name (or --run.dir), or --run.overwrite=true to delete it and start over"
     if path is None:
+        notes += _other_backends(cfg)
         if existing:  # resume=never
             raise UserError(f"{ck_dir} holds checkpoints up to {existing[-1].name}; --resume never would overwrite "
                             f"them: {hint}")
@@ -95,7 +97,12 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
                 raise UserError(f"{run_dir} holds another run ({'; '.join(diffs[:6])}): {hint}")
         return None, notes
     meta = ckpt.read_meta(path)
-    diffs = run_differences(meta.get("config", {}), new)
+    here = layout(cfg, world)
+    fmt = ckpt.choose(meta, here)
+    if fmt is None:
+        raise UserError(ckpt.refusal(path, meta, here))
+    diffs = run_differences(meta.get("config", {}), new,
+                            worlds=(int(meta["world_size"]) // int(meta.get("tp", 1)), world // cfg.backend.tp))
     if diffs and not cfg.checkpoint.allow_changes:
         raise UserError(
             f"checkpoint {path} was written by another run ({'; '.join(diffs[:6])}); resuming it would mix the two: "
@@ -103,16 +110,48 @@ def plan(cfg, world: int) -> tuple[Path | None, list[str]]:
         )
     if diffs:
         notes.append(f"checkpoint.allow_changes: this config differs from the checkpoint's ({'; '.join(diffs)})")
-    if meta["backend"] != cfg.backend.name or meta["world_size"] != world:
+    moved = ckpt.layout_changes(meta, here)
+    if fmt == "portable" and meta.get("optimizer") != cfg.optimizer.name:
+        native = "native" in ckpt.formats_of(meta)
         raise UserError(
-            f"checkpoint {path} was written by backend={meta['backend']} with {meta['world_size']} ranks; this run is "
-            f"backend={cfg.backend.name} with {world}: resume with the same backend and world size"
+            f"checkpoint {path} was written by {meta.get('optimizer')}; its portable format loads into that optimizer "
+            f"only, so --optimizer {cfg.optimizer.name} cannot take its weights here"
+            + (f" ({', '.join(moved)}): relaunch with --backend {meta['backend']} on "
+               f"{ckpt.rank_count(meta['world_size'])} (its native format gives the weights to another optimizer), or"
+               if native else ":") + f" keep --optimizer {meta.get('optimizer')}"
         )
+    if moved:
+        notes.append(f"resuming at another layout ({', '.join(moved)}) from the {fmt} format")
     newer = [p for p in existing if p.name > path.name]
     if newer and path.resolve().parent == ck_dir.resolve():
         raise UserError(f"{path} is older than {newer[-1]} in the same folder; continuing from it would overwrite the "
                         f"newer checkpoints: resume into another --run.dir, or delete {', '.join(p.name for p in newer)}")
     return path, notes
+
+
+def _other_backends(cfg) -> list[str]:
+    """The default folder names the backend, so a relaunch with another ``--backend`` starts a new run;
+    say where this run name's checkpoints of other backends are, and how to continue one of them."""
+    if cfg.run.dir or cfg.checkpoint.dir:
+        return []
+    names = typing.get_args(type(cfg.backend).model_fields["name"].annotation)
+    folders = [cfg.model_copy(update={"backend": cfg.backend.model_copy(update={"name": b, "tp": 1})}).run_dir
+               for b in names]
+    folders += sorted(Path("runs").glob(f"{cfg.run.name}-{cfg.optimizer.name}-fsdp2-tp*"))  # --tp N's folders
+    return [f"{f} holds checkpoints of this run name under another backend; to continue that run here, relaunch with "
+            f"--run.dir {f} (the default folder names the backend)"
+            for f in folders if f != cfg.run_dir and ckpt.complete_checkpoints(f / "checkpoints")]
+
+
+def layout(cfg, world: int) -> dict:
+    """The layout this launch will run at (``checkpoint.layout_of`` of the run it builds)."""
+    stage = None
+    if cfg.backend.name == "deepspeed":
+        try:
+            stage = int(json.loads(cfg.deepspeed_config_path().read_text()).get("zero_optimization", {}).get("stage", 0))
+        except (OSError, ValueError, AttributeError):
+            stage = None  # deepspeed_json reports a broken JSON with its field name, later
+    return {"backend": cfg.backend.name, "world_size": world, "zero_stage": stage, "tp": cfg.backend.tp}
 
 
 def clean_partials(ck_dir: Path) -> None:

@@ -18,7 +18,8 @@ one rank.
 Each run has its folder, ``runs/<run.name>-<optimizer>[-<backend>]`` (or ``run.dir``): ``config.yaml``
 (the resolved config), ``metrics.jsonl`` (appended by every attempt, never truncated), ``summary.json``,
 ``loss.png``, ``memory_report.json`` and ``checkpoints/``. A relaunch of the same command resumes from the
-newest complete checkpoint (``--resume auto``, the default; also under ``torchrun --max-restarts N``),
+newest complete checkpoint (``--resume auto``, the default; also under ``torchrun --max-restarts N``,
+and at another backend, world size or ZeRO stage through the portable format: ``checkpoint.format``),
 or says the run is complete; a folder or checkpoint of another run (other optimizer, model, data or
 schedule) is refused, never mixed. Ctrl-C stops with "interrupted at step N" and how to resume.
 
@@ -53,6 +54,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
+from torch.distributed.tensor.parallel import ParallelStyle  # noqa: E402
 
 import stateless_opt  # noqa: E402
 from stateless_opt import registry  # noqa: E402
@@ -90,6 +92,7 @@ def init_distributed(cfg: TrainConfig) -> Env:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if backend == "single" and world > 1:
         raise ConfigError(f"backend.name=single under a launcher with WORLD_SIZE={world}: use --backend ddp or fsdp2")
+    cfg.check_world(world)
     want_cuda = cfg.training.device == "cuda" or (cfg.training.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError("training.device=cuda but no CUDA device is visible")
@@ -169,6 +172,52 @@ def apply_fsdp2(model: torch.nn.Module, mesh, reshard_after_forward: bool = True
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def apply_tp(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
+    """Tensor parallelism over ``tp_mesh`` (Megatron's split, as torchtitan's ``apply_tp``): q/k/v and
+    gate/up colwise (``Shard(0)``: each rank computes its heads and its slice of the MLP), o_proj and
+    down_proj rowwise (``Shard(1)``: partial sums all-reduced), the embedding vocabulary-parallel and the
+    LM head colwise (``Shard(0)`` over the vocabulary, logits gathered). Activations between blocks stay
+    whole on every TP rank (no sequence parallelism: transformers' LLaMA derives positions and the causal
+    mask from the sequence length it sees), so the RMSNorm weights become ``Replicate`` DTensors: one
+    weight with copies on the TP ranks for the optimizer, the memory report and the checkpoints. The
+    MLP keeps DTensor outputs, so an intermediate size TP does not divide splits unevenly (1.3b: 5461)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    colwise, rowwise = ColwiseParallel(), RowwiseParallel()
+    plan: dict[str, Any] = {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "model.norm": ReplicatedWeights(),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    }
+    for i in range(len(model.model.layers)):
+        block = f"model.layers.{i}"
+        plan |= {f"{block}.input_layernorm": ReplicatedWeights(),
+                 f"{block}.post_attention_layernorm": ReplicatedWeights(),
+                 **{f"{block}.self_attn.{w}": colwise for w in ("q_proj", "k_proj", "v_proj")},
+                 f"{block}.self_attn.o_proj": rowwise,
+                 **{f"{block}.mlp.{w}": ColwiseParallel(use_local_output=False) for w in ("gate_proj", "up_proj")},
+                 f"{block}.mlp.down_proj": rowwise}
+    return parallelize_module(model, tp_mesh, plan)
+
+
+class ReplicatedWeights(ParallelStyle):
+    """A TP style for a module that runs whole on every TP rank (the RMSNorms): its weights become
+    ``Replicate`` DTensors on the TP mesh, its input and output stay plain tensors."""
+
+    def _apply(self, module: torch.nn.Module, device_mesh) -> torch.nn.Module:
+        from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+        def to_dtensor(mod, inputs, mesh):
+            return tuple(DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+                         if torch.is_tensor(x) and not isinstance(x, DTensor) else x for x in inputs)
+
+        def to_local(mod, output, mesh):
+            return output.to_local() if isinstance(output, DTensor) else output
+
+        return distribute_module(module, device_mesh, None, to_dtensor, to_local)  # None: replicate the weights
 
 
 def _require_deepspeed() -> None:
@@ -371,10 +420,7 @@ class Trainer:
             self.model = apply_ddp(model, env.device)
             self.optimizer = build_optimizer(cfg, self.model)  # the DDP model: SWAN splits whitening over ranks
         elif backend == "fsdp2":
-            from torch.distributed.device_mesh import init_device_mesh
-
-            mesh = init_device_mesh(env.device.type, (env.world,), mesh_dim_names=("dp",))
-            self.model = apply_fsdp2(model, mesh, cfg.backend.reshard_after_forward)
+            self.model = self._parallelize(model)
             self.optimizer = build_optimizer(cfg, self.model)
         elif backend == "deepspeed":
             self.engine, self.optimizer, self.scheduler = apply_deepspeed(
@@ -388,7 +434,8 @@ class Trainer:
         if self.scheduler is None:
             self.scheduler = make_scheduler(cfg, self.optimizer)
         self._log_optimizer()
-        self.parts = ckpt.Parts(self.model, self.optimizer, self.scheduler, backend, env.rank, env.world, self.engine)
+        self.parts = ckpt.Parts(self.model, self.optimizer, self.scheduler, backend, env.rank, env.world, self.engine,
+                                tp=cfg.backend.tp)
         self.start_step, self.time_offset = 0, 0.0
         if resume_from is not None:
             self._resume(Path(resume_from))
@@ -399,6 +446,33 @@ class Trainer:
                                            "time": datetime.datetime.now().isoformat(timespec="seconds")})
 
     # ------------------------------------------------------------------ setup helpers
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: the ranks of one TP group (``tp`` consecutive ranks, the
+        mesh's inner dim) read the same batch."""
+        return self.env.rank // self.cfg.backend.tp
+
+    @property
+    def dp_world(self) -> int:
+        return self.env.world // self.cfg.backend.tp
+
+    def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2 over all ranks, or with ``backend.tp`` > 1 a ("dp", "tp") mesh: TP inside each group of
+        tp consecutive ranks, FSDP2 across the groups (none when there is one group), as torchtitan."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        env, tp = self.env, self.cfg.backend.tp
+        if tp == 1:
+            mesh = init_device_mesh(env.device.type, (env.world,), mesh_dim_names=("dp",))
+            return apply_fsdp2(model, mesh, self.cfg.backend.reshard_after_forward)
+        mesh = init_device_mesh(env.device.type, (self.dp_world, tp), mesh_dim_names=("dp", "tp"))
+        apply_tp(model, mesh["tp"])
+        self.log(f"[parallel] mesh dp {self.dp_world} x tp {tp}: tensor parallel inside each group of {tp} ranks"
+                 + (", FSDP2 across them" if self.dp_world > 1 else " (one group: no FSDP2)"))
+        if self.dp_world > 1:
+            apply_fsdp2(model, mesh["dp"], self.cfg.backend.reshard_after_forward)
+        return model
+
     def log(self, msg: str) -> None:
         if self.is_main:
             from tqdm import tqdm
@@ -448,7 +522,8 @@ class Trainer:
         self._all_ok(lambda: staged.append(ckpt.read(path, parts)))
         meta = staged[0].meta
         same_optimizer = meta.get("optimizer") == cfg.optimizer.name
-        exact = not run_differences(meta.get("config", {}), dump(cfg))
+        exact = not run_differences(meta.get("config", {}), dump(cfg),
+                                    worlds=(meta["world_size"] // meta.get("tp", 1), self.dp_world))
         # this config's hyper-parameters (not the optimizer's counters, which the checkpoint carries on)
         hyper = set(cfg.optimizer.selected().model_dump()) | {"lr", "initial_lr", "weight_decay"}
         fresh = [{k: v for k, v in g.items() if k in hyper} for g in self.optimizer.param_groups]
@@ -459,8 +534,8 @@ class Trainer:
             reposition(self.scheduler, self.start_step)
         self.step = self.saved_step = self.start_step
         self.time_offset = float(meta.get("train_time_s", 0.0))
-        self.log(f"[resume] from {path} at step {self.start_step}"
-                 + ("" if same_optimizer else f" (weights only: it was written by {meta.get('optimizer')})"))
+        self.log(f"[resume] from {path} at step {self.start_step} ({staged[0].format} format"
+                 + (")" if same_optimizer else f", weights only: it was written by {meta.get('optimizer')})"))
 
     def _data(self) -> data_mod.PreparedData:
         d = self.cfg.data
@@ -491,7 +566,7 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         t = self.cfg.training
-        return t.batch_size * t.grad_accum * self.env.world
+        return t.batch_size * t.grad_accum * self.dp_world
 
     def _record(self, rec: dict) -> None:
         if self.is_main:
@@ -520,12 +595,13 @@ class Trainer:
         t, env = self.cfg.training, self.env
         # eval_batches per rank, so every rank runs the same number of forwards (FSDP2/ZeRO-3 need that)
         # and the windows are the same set whatever the world size (batch_size x world is global).
-        batches = t.eval_batches * env.world
+        # (TP: the ranks of a TP group evaluate the same windows, each counted once per TP rank below)
+        batches = t.eval_batches * self.dp_world
         total = torch.zeros(2, dtype=torch.float64, device=env.device)
         self.model.eval()
         for x, y in data_mod.val_batches(
             self.data.val, num_batches=batches, batch_size=t.eval_batch_size or t.batch_size,
-            seq_len=self.cfg.data.seq_len, rank=env.rank, world=env.world,
+            seq_len=self.cfg.data.seq_len, rank=self.dp_rank, world=self.dp_world,
         ):
             loss = self._loss(x.to(env.device), y.to(env.device), reduction="sum")
             total[0] += loss.double()
@@ -543,7 +619,7 @@ class Trainer:
         losses = []
         for micro in range(t.grad_accum):
             x, y = data_mod.train_batch(
-                self.data.train, step * t.grad_accum + micro, rank=env.rank, world=env.world,
+                self.data.train, step * t.grad_accum + micro, rank=self.dp_rank, world=self.dp_world,
                 batch_size=t.batch_size, seq_len=cfg.data.seq_len, seed=t.seed, max_tokens=cfg.data.max_train_tokens,
             )
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -573,7 +649,9 @@ class Trainer:
     def _memory_report(self) -> dict:
         cfg = self.cfg
         return stateless_opt.memory_report(
-            self.model, self.optimizer, backend="auto" if cfg.backend.name == "deepspeed" else cfg.backend.name,
+            self.model, self.optimizer,
+            # auto: DeepSpeed's stage, and tp / fsdp2_tp under tensor parallelism
+            backend="auto" if cfg.backend.name == "deepspeed" or cfg.backend.tp > 1 else cfg.backend.name,
             print_table=False, json_path=str(self.run_dir / "memory_report.json") if self.is_main else None,
         )
 
@@ -589,7 +667,8 @@ class Trainer:
 
     def _save(self, step: int, train_time: float) -> None:
         meta = {"optimizer": self.cfg.optimizer.name, "train_time_s": round(train_time, 3), "config": dump(self.cfg)}
-        path = ckpt.save(self.cfg.checkpoint_dir, step, self.parts, meta, keep=self.cfg.checkpoint.keep)
+        path = ckpt.save(self.cfg.checkpoint_dir, step, self.parts, meta, keep=self.cfg.checkpoint.keep,
+                         formats=self.cfg.checkpoint_formats)
         self.saved_step = step
         self.log(f"[checkpoint] step {step}: {path}")
 
@@ -648,6 +727,7 @@ class Trainer:
             "backend": cfg.backend.name,
             "optimizer": cfg.optimizer.name,
             "world_size": env.world,
+            "tp": cfg.backend.tp,
             "device": str(env.device),
             "steps": cfg.training.steps,
             "steps_this_run": done_steps,
@@ -688,7 +768,8 @@ class Trainer:
 
     def _title(self) -> str:
         c = self.cfg
-        return f"LLaMA {c.model.preset} on {c.data.corpus}: {c.optimizer.name}, {c.backend.name} x{self.env.world}"
+        return f"LLaMA {c.model.preset} on {c.data.corpus}: {c.optimizer.name}, {c.backend.name} x{self.env.world}" + (
+            f" (tp {c.backend.tp})" if c.backend.tp > 1 else "")
 
 
 # --------------------------------------------------------------------------- entry

@@ -60,7 +60,8 @@ class CUDAGraphOptimizer(torch.optim.Optimizer):
       eager steps only.
     * **Not capturable** (refused at capture with the reason): low-precision weights with stochastic
       rounding (seeded on the host: keep an fp32 master), host-decided steps (``capturable=False``),
-      DeepSpeed (its engine swaps the tensors it hands the optimizer at every step), CPU tensors.
+      DeepSpeed (its engine swaps the tensors it hands the optimizer at every step), CPU tensors,
+      non-contiguous weights or gradients (staged through a fresh copy each step).
     * The closure, if given, runs eagerly before the replay (it fills the gradients the graph reads).
     """
 
@@ -187,6 +188,13 @@ class CUDAGraphOptimizer(torch.optim.Optimizer):
     def _capture(self) -> None:
         """Record one step and replay it (a capture only records: the replay is this step's update)."""
         opt = self.optimizer
+        strided = [f"param group {gi}, {opt._label(g, j)}" for gi, g in enumerate(opt.param_groups)
+                   for j, p in enumerate(g["params"]) if p.grad is not None
+                   and not (p.is_contiguous() and p.grad.is_contiguous())]
+        if strided:
+            raise RuntimeError(f"CUDAGraphOptimizer cannot capture a step over non-contiguous weights or gradients "
+                               f"({'; '.join(strided[:3])}): they are staged through a fresh contiguous copy each "
+                               "step; make them contiguous or use the eager step")
         devices = {p.device.type for g in opt.param_groups for p in g["params"] if p.grad is not None}
         if devices != {"cuda"}:
             raise RuntimeError(f"CUDAGraphOptimizer needs every parameter with a gradient on CUDA, got {sorted(devices)}")

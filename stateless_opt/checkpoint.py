@@ -47,7 +47,7 @@ FORMAT = "stateless_opt.portable"
 VERSION = 1
 INDEX = "portable.json"
 # Param-group entries that are facts of the run that holds the optimizer, not of the checkpoint.
-RUN_FACTS = frozenset({"params", "names", "_shapes", "replicate_group"})
+RUN_FACTS = frozenset({"params", "names", "param_names", "_shapes", "replicate_group"})
 # Param-group entries fixed when the optimizer is built (the matrix / fallback split): must agree.
 MUST_MATCH = frozenset({"rule"})
 ELEMENTWISE, PER_WEIGHT, PER_TENSOR = "elementwise", "per_weight", "per_tensor"

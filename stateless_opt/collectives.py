@@ -82,6 +82,18 @@ def replica_group(ref: Any) -> dist.ProcessGroup | None:
     return pg if dist.get_world_size(pg) > 1 else None
 
 
+def agreement_groups(ref: Any) -> tuple:
+    """The groups a plain local tensor (no DDP group known, not a DTensor or ZeRO partition) votes over
+    on skipping a step: the default group under an initialised job of more than one rank, so that a
+    NaN on one rank skips the step everywhere however the optimizer was built (``ddp.parameters()``, a
+    wrapped model); nothing where its param group says ``replicate_group=False`` (an optimizer stepped
+    on some ranks only: every rank of the default group must call ``step()`` otherwise). The vote is one
+    4-byte all-reduce a step."""
+    if ref is not None or not (dist.is_available() and dist.is_initialized()):
+        return ()
+    return (dist.group.WORLD,) if dist.get_world_size() > 1 else ()
+
+
 def _resolve_name(name: str) -> dist.ProcessGroup:
     """A process group by name: how torch's own functional collectives and ``DeviceMesh`` refer to
     groups (``_resolve_process_group`` has no public twin in torch 2.11-2.13)."""

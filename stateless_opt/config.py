@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class OptimizerConfig(BaseModel):
-    """Unknown keys are errors; ints are accepted where floats are expected, strings are not."""
+    """Unknown keys are errors; ints are accepted where floats are expected, strings are not; every float
+    must be finite (an lr, weight decay or eps of inf/NaN would make every weight non-finite at the first
+    step, so it is refused where it enters)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     capturable: bool | None = Field(
         None,
@@ -91,7 +93,16 @@ def _is_tensor(value: Any) -> bool:
 # Keys a param group may carry besides hyper-parameters.
 # ``replicate_group``: the process group (by name, see collectives.group_ref) over which the group's
 # gradients are identical (DDP), set by ``param_groups(ddp_model)`` or the ``replicate_group=`` argument.
-GROUP_KEYS = {"params", "rule", "batch_dims", "names", "step", "skipped_steps", "replicate_group"}
+# ``param_names``: torch's key for the names of ``params`` (``named_parameters()``); ``names`` is the
+# older spelling, accepted and renamed.
+GROUP_KEYS = {"params", "rule", "batch_dims", "param_names", "names", "step", "skipped_steps", "replicate_group"}
+
+# Keys other libraries write into param groups, accepted and left alone: torch's LR schedulers
+# (``initial_lr`` and OneCycleLR / CyclicLR's ``max_lr``, ``min_lr``, ``base_lr``, ``max_momentum``,
+# ``base_momentum``), timm (``lr_scale``, ``group_name``) and Lightning's LR monitor (``name``). Any
+# other unknown key is refused at construction (a typo such as ``weight_decy`` would otherwise be ignored).
+EXTERNAL_GROUP_KEYS = {"initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum", "base_momentum", "lr_scale",
+                       "group_name", "name"}
 
 
 def validate(config_cls: type[OptimizerConfig], values: dict[str, Any], where: str) -> OptimizerConfig:
@@ -101,8 +112,8 @@ def validate(config_cls: type[OptimizerConfig], values: dict[str, Any], where: s
     lr = values.get("lr")
     if _is_tensor(lr):
         if lr.numel() != 1 or not lr.dtype.is_floating_point:
-            raise ValueError(f"invalid {where}: lr: a tensor lr must hold one floating-point value, got shape "
-                             f"{tuple(lr.shape)} and dtype {lr.dtype}")
+            raise ValueError(f"invalid {where}: lr: Input should be a valid number or a one-element floating-point "
+                             f"tensor, got shape {tuple(lr.shape)} and dtype {lr.dtype}")
         values = {**values, "lr": float(lr.detach().reshape(()))}
     try:
         return config_cls(**values)
@@ -114,8 +125,17 @@ def validate(config_cls: type[OptimizerConfig], values: dict[str, Any], where: s
         raise ValueError(f"invalid {where}: {problems}") from None
 
 
-def validate_group(config_cls: type[OptimizerConfig], group: dict[str, Any], where: str) -> dict[str, Any]:
-    """Validate a param group's hyper-parameters (keys of ``config_cls``); other keys must be known."""
-    hyper = {k: v for k, v in group.items() if k not in GROUP_KEYS and not k.startswith("_")}
-    validate(config_cls, hyper, where)
+def validate_group(config_cls: type[OptimizerConfig], group: dict[str, Any], where: str, *,
+                   unknown_keys: bool = False) -> dict[str, Any]:
+    """Validate a param group's hyper-parameters (keys of ``config_cls``) and write the validated values
+    back into ``group`` (a JSON int becomes a float; a tensor ``lr`` stays the tensor, see ``validate``). ``unknown_keys=False``
+    (a group entering the optimizer): any other key must be one of ``GROUP_KEYS`` / ``EXTERNAL_GROUP_KEYS``;
+    ``True`` (a group already in it, re-checked before a step): keys a scheduler added are left alone."""
+    if unknown_keys:
+        hyper = {k: group[k] for k in config_cls.model_fields if k in group}
+    else:
+        hyper = {k: v for k, v in group.items()
+                 if k not in GROUP_KEYS and k not in EXTERNAL_GROUP_KEYS and not k.startswith("_")}
+    config = validate(config_cls, hyper, where)
+    group.update({k: getattr(config, k) for k in hyper if not (k == "lr" and _is_tensor(hyper[k]))})
     return group

@@ -21,12 +21,14 @@ from .layouts import true_shape
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, Any]:
-    """(inner module, DDP process group or None)."""
+    """(the module whose parameter names to use, DDP process group or None): a DDP anywhere in the
+    wrappers (``torch.compile(ddp)``, a module holding the DDP model) counts."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel):
-        return model.module, model.process_group
-    return model, None
+    ddp = next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
+    if ddp is None:
+        return model, None
+    return (ddp.module if model is ddp else model), ddp.process_group
 
 
 def fallback_weights(model: nn.Module) -> set[int]:
@@ -48,12 +50,14 @@ def fallback_weights(model: nn.Module) -> set[int]:
 def param_groups(
     model: nn.Module, *, fallback_weight_decay: float | None = None, batch_dims: int = 0
 ) -> list[dict[str, Any]]:
-    """Param groups for SWAN/SinkGD (also accepted by SGD-SaI): ``[{"params", "names", "rule"}, ...]``
+    """Param groups for SWAN/SinkGD (also accepted by SGD-SaI): ``[{"params", "param_names", "rule"}, ...]``
     (plus ``"replicate_group"`` for a DDP-wrapped model).
 
     ``fallback_weight_decay`` sets the fallback group's weight decay (e.g. 0 for norms, embeddings);
-    ``batch_dims`` marks leading batch dims of matrix weights (1 for experts stored as (E, out, in)).
-    Frozen parameters (``requires_grad=False``) are left out; tied weights appear once.
+    ``batch_dims`` marks leading batch dims of >= 3-D matrix weights (1 for experts stored as (E, out, in):
+    each expert is its own matrix), capped per weight at ``ndim - 2`` so 2-D weights beside them (attention)
+    stay single matrices (``layouts.tensor_batch_dims``). Frozen parameters (``requires_grad=False``) are
+    left out; tied weights appear once.
     """
     inner, ddp_group = _unwrap(model)
     special = fallback_weights(inner)
@@ -63,11 +67,11 @@ def param_groups(
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        is_matrix = id(p) not in special and len(true_shape(p)) >= 2 + batch_dims
+        is_matrix = id(p) not in special and len(true_shape(p)) >= 2
         rule = "matrix" if is_matrix else "fallback"
-        g = groups.setdefault(rule, {"params": [], "names": [], "rule": rule})
+        g = groups.setdefault(rule, {"params": [], "param_names": [], "rule": rule})
         g["params"].append(p)
-        g["names"].append(name)
+        g["param_names"].append(name)
     if ddp_group is not None:  # by name: plain data that state_dict(), deepcopy and pickle carry
         for g in groups.values():
             g["replicate_group"] = group_ref(ddp_group)

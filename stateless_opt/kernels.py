@@ -54,8 +54,9 @@ BLOCK = 2048
 def available(device: torch.device) -> bool:
     """Whether the kernels run for tensors on ``device``: a CUDA GPU Triton supports (compute
     capability 7.0+); also the CPU under Triton's debugging interpreter (``TRITON_INTERPRET=1`` before
-    the import), which is how the tests check them without a GPU."""
-    if triton is None:
+    the import), which is how the tests check them without a GPU. Not inside ``torch.compile``'s
+    tracing: the launchers build their tables on the host; traced code takes the tensor-op paths."""
+    if triton is None or torch.compiler.is_compiling():
         return False
     device = torch.device(device)
     if device.type == "cuda":

@@ -32,7 +32,7 @@ from typing import NamedTuple, Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from .collectives import replica_group
+from .collectives import agreement_groups, replica_group
 
 
 # ------------------------------------------------------------------------------------ extents
@@ -167,6 +167,11 @@ class WeightShard:
     agree_groups: tuple = ()  # copies of this piece (HSDP replicate dims): they only vote on skipping a step
     unit_index: int = 0  # which weight of the unit tensor (a ZeRO flat partition holds many)
     offset: int = 0  # where this weight's local piece starts in the unit's local flat tensor
+    # the weight's largest gradient magnitude over every rank (a 0-d device tensor, set by the screen):
+    # the rules scale by it so that squares neither overflow nor underflow
+    peak: torch.Tensor | None = None
+    # a non-contiguous weight: ``param`` is a contiguous copy, written back into this after the update
+    staged: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -233,6 +238,12 @@ class MatrixFragment:
     def whole_bytes(self) -> int:
         """fp32 bytes of the whole matrix (the unit of chunk budgets)."""
         return 4 * self.m * self.n
+
+
+def tensor_batch_dims(shape: Sequence[int], batch_dims: int) -> int:
+    """The batch dims a group's ``batch_dims`` gives one weight: at most ``ndim - 2``, so with
+    ``batch_dims=1`` an (E, out, in) expert stack is E matrices while a 2-D weight beside it stays one."""
+    return max(min(batch_dims, len(shape) - 2), 0)
 
 
 def matrix_shape(shape: Sequence[int], batch_dims: int = 0) -> tuple[int, int, int]:
@@ -333,8 +344,30 @@ def local_views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
-        raise ValueError("stateless_opt needs contiguous parameters and gradients")
+        raise ValueError(f"a non-contiguous {type(t).__name__} local shard (strides {t.stride()}) is not supported")
     return t.view(-1)
+
+
+def _staged(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(flat weight to update, tensor to write it back into): a non-contiguous weight (a transposed
+    view, channels_last) is updated in a contiguous copy, copied back after the step."""
+    if data.is_contiguous():
+        return data.view(-1), None
+    return data.contiguous().view(-1), data
+
+
+def write_back_staged(shards) -> None:
+    """Copy the updated contiguous copies of non-contiguous weights back (after every update of a step)."""
+    for s in shards:
+        if s.staged is not None:
+            s.staged.copy_(s.param.view(s.staged.shape))
+
+
+def attach_peaks(shards: Sequence[WeightShard], peaks: torch.Tensor) -> None:
+    """Give each shard its weight's largest gradient magnitude over all ranks (``peaks[i]``, a device
+    tensor the screen reduced): the rules' scale, with no collective of their own."""
+    for s, p in zip(shards, peaks):
+        s.peak = p
 
 
 def _check_whole_tensor(tensor: torch.Tensor, group: dict) -> None:
@@ -347,12 +380,15 @@ def _check_whole_tensor(tensor: torch.Tensor, group: dict) -> None:
 
 @dataclass
 class LocalLayout:
-    """One process, or a tensor nobody shares: the whole tensor is the only shard."""
+    """One process, or a tensor nobody shares: the whole tensor is the only shard. Under an initialised
+    job it still votes on skipping a step over the default group (``collectives.agreement_groups``)."""
 
     def shards(self, tensor, group, key):
         _check_whole_tensor(tensor, group)
         n = tensor.numel()
-        return [WeightShard(key, tuple(tensor.shape), [FlatRange(0, n)], 0, _flat(tensor.grad), _flat(tensor.data))]
+        param, staged = _staged(tensor.data)
+        return [WeightShard(key, tuple(tensor.shape), [FlatRange(0, n)], 0, tensor.grad.reshape(-1), param,
+                            agree_groups=agreement_groups(group.get("replicate_group")), staged=staged)]
 
 
 @dataclass
@@ -367,9 +403,10 @@ class ReplicatedLayout:
         _check_whole_tensor(tensor, group)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         n = tensor.numel()
+        param, staged = _staged(tensor.data)
         return [
-            WeightShard(key, tuple(tensor.shape), [FlatRange(0, n)] * world, rank, _flat(tensor.grad),
-                        _flat(tensor.data), group=pg, replicated=True)
+            WeightShard(key, tuple(tensor.shape), [FlatRange(0, n)] * world, rank, tensor.grad.reshape(-1), param,
+                        group=pg, replicated=True, staged=staged)
         ]
 
 

@@ -378,19 +378,21 @@ def _predict_state(model: Callable[[dict, int], StateSize] | None, units: list[S
     return dev, host
 
 
-def _formula_state(model: Callable[[dict, int], StateSize], groups: list[dict], units: list[StateUnit],
+def _formula_state(model: Callable[[dict, int], StateSize], optimizer: Any, units: list[StateUnit],
                    numel: int, dtype_bytes: int, n_state: int, share: dict | None = None) -> float:
     """The formula's state for this rank: per-element state over the true sizes of each param group
     (ours record them; for others the model's ``numel`` at the first group's rate) / N, plus the
-    scalars of the tensors this rank steps. ``share``: id(parameter) -> 1/N_p of a DTensor backend
-    (the group's parameters are then counted one by one)."""
-    sizes = [sum(math.prod(s) for s in g["_shapes"]) if "_shapes" in g else None for g in groups]
+    scalars of the tensors this rank steps; each weight at its rule's rate (``_weight_groups``).
+    ``share``: id(parameter) -> 1/N_p of a DTensor backend (the group's parameters are then counted
+    one by one)."""
+    groups = optimizer.param_groups
     if share is not None and all(id(p) in share for g in groups for p in g["params"]):
-        elements = sum(_true_numel(p) * share[id(p)] * model(g, dtype_bytes).per_element
-                       for g in groups for p in g["params"])
+        elements = sum(_true_numel(p) * share[id(p)] * model(rule_group, dtype_bytes).per_element
+                       for g in groups for p, (_, rule_group) in zip(g["params"], _weight_groups(optimizer, g)))
         n_state = 1
-    elif groups and None not in sizes:
-        elements = sum(n * model(g, dtype_bytes).per_element for n, g in zip(sizes, groups))
+    elif groups and all("_shapes" in g for g in groups):
+        elements = sum(math.prod(shape) * model(rule_group, dtype_bytes).per_element
+                       for g in groups for shape, rule_group in _weight_groups(optimizer, g))
     else:
         elements = numel * model(groups[0] if groups else {}, dtype_bytes).per_element
     scalars = 0
@@ -398,6 +400,15 @@ def _formula_state(model: Callable[[dict, int], StateSize], groups: list[dict], 
         size = model(u.group, dtype_bytes)
         scalars += size.per_tensor + size.per_weight * u.weights
     return elements / n_state + scalars
+
+
+def _weight_groups(optimizer: Any, group: dict):
+    """(true shape, the group with ``"rule"`` set to that weight's rule) for each tensor of ``group``: one
+    param group of ours mixes matrix-rule and fallback weights (``weight_rule``), whose state differs."""
+    shapes = group.get("_shapes") or [tuple(p.shape) for p in group["params"]]
+    rule = getattr(optimizer, "weight_rule", None) if getattr(optimizer, "uses_rules", False) else None
+    for shape in shapes:
+        yield tuple(shape), ({**group, "rule": rule(group, tuple(shape))} if rule is not None else group)
 
 
 def _cut_dims(p: torch.Tensor) -> list[int]:
@@ -475,6 +486,11 @@ def memory_report(
     or one of ``BACKENDS``. Call it after a step (state exists), before ``zero_grad``
     if the gradients should be measured rather than taken from the formula.
     """
+    if isinstance(model, torch.optim.Optimizer) or isinstance(optimizer, torch.nn.Module):
+        raise TypeError(
+            f"memory_report(model, optimizer) got ({type(model).__name__}, {type(optimizer).__name__}): the "
+            "model (or DeepSpeed engine) comes first, then the optimizer"
+        )
     view = _engine_view(model, optimizer)
     if view is not None:
         model, inner = view.module, view.optimizer
@@ -521,11 +537,13 @@ def memory_report(
     rec.grads, rec.host = dev, rec.host + host
 
     # optimizer state, split by the owning group's rule
-    units = view.units() if view is not None else [StateUnit(p, g) for g in inner.param_groups for p in g["params"]]
+    units = view.units() if view is not None else [
+        StateUnit(p, rule_group) for g in inner.param_groups
+        for p, (_, rule_group) in zip(g["params"], _weight_groups(inner, g))]
     rule_of = {id(u.tensor): u.group.get("rule", "other") for u in units}
     for g in inner.param_groups:  # ZeRO-3 outside step(): groups are empty, units come from the engine
-        for p in g["params"]:
-            rule_of.setdefault(id(p), g.get("rule", "other"))
+        for p, (_, rule_group) in zip(g["params"], _weight_groups(inner, g)):
+            rule_of.setdefault(id(p), rule_group.get("rule", "other"))
     split = {"matrix": 0, "fallback": 0, "other": 0}
     for key, st in inner.state.items():
         rule = rule_of.get(id(key), "other")
@@ -555,8 +573,8 @@ def memory_report(
     formula.pop("state")
     formula["state_adamw"] = numel_eff * 2.0 * dtype_bytes / n_state + 4 * len(units)
     if model_of_state is not None:
-        formula["state_ours"] = _formula_state(model_of_state, inner.param_groups, units, rec.numel, dtype_bytes,
-                                               n_state, share)
+        formula["state_ours"] = _formula_state(model_of_state, inner, units, rec.numel, dtype_bytes, n_state,
+                                               share)
     rec.formula = formula
     offloaded = view is not None and view.offloaded
     rec.grads_formula = 0 if (offloaded and _LAYOUT[name][1]) else int(formula["grads"])

@@ -39,11 +39,18 @@ from . import kernels
 from .collectives import Collectives, group_ref
 from .config import validate, validate_group
 from .fallback import ROW_FLOORS, adamw_fallback, adamw_state, stateless_fallback
-from .layouts import Layout, MatrixFragment, WeightShard, batch_runs, default_layouts, split_matrices, true_shape
+from .layouts import (
+    Layout, MatrixFragment, WeightShard, attach_peaks, batch_runs, default_layouts, matrix_shape, split_matrices,
+    tensor_batch_dims, true_shape, write_back_staged,
+)
 from .precision import stochastic_round_
 from .row_col_norms import FusedUpdate
 
 log = logging.getLogger("stateless_opt")
+
+# Weight dtypes updated in place in their own precision; others go through fp32 and are written back
+# (stochastically rounded by default).
+NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
 class StateSize(NamedTuple):
@@ -109,10 +116,20 @@ class StatelessOptimizer(torch.optim.Optimizer):
     """Common machinery; subclasses set ``config_cls`` and implement ``_step_group`` (and
     ``state_size`` if they keep state).
 
+    Construction is torch's (``Optimizer.__init__`` / ``add_param_group``: a single tensor is a
+    ``TypeError``, ``named_parameters()`` and ``(name, tensor)`` pairs give ``param_names``, duplicates
+    are refused), plus ours: every group's hyper-parameters validated by ``config_cls``, every tensor's
+    dtype checked (``param_dtypes``), naming the group and tensor. A group comes back as one group: the
+    matrix rule or the fallback is chosen per weight at each step (``weight_rule``), so LR schedulers
+    see the groups the user passed.
+
     ``replicate_group``: the process group over which the weights' gradients are identical (DDP; a
-    ``ProcessGroup``, ``True`` for the default group, or ``None``: not replicated, unless a param
-    group says so, as ``param_groups(ddp_model)`` does). It is kept by name in each param group
-    (``"replicate_group"``), so ``state_dict()``, deepcopy and pickle carry it.
+    ``ProcessGroup``, ``True`` for the default group, ``None`` (default) or ``False``: not replicated,
+    unless a param group says so, as ``param_groups(ddp_model)`` does). It is kept by name in each param
+    group (``"replicate_group"``), so ``state_dict()``, deepcopy and pickle carry it. Under an
+    initialised process group, plain tensors of a group whose ``replicate_group`` is ``None`` still vote
+    over the default group on skipping a step (``collectives.agreement_groups``); ``False`` makes them
+    rank-local (an optimizer stepped on some ranks only).
     """
 
     config_cls: type
@@ -125,6 +142,10 @@ class StatelessOptimizer(torch.optim.Optimizer):
     # state keys holding one value per stepped tensor, whatever its shape (the AdamW fallback's counter)
     tensor_state: frozenset = frozenset({"step"})
     _counters_on_host = True  # device-decided steps on the CPU fold their counters at once (no sync to save)
+    # Weight dtypes a step computes correctly (low precision through fp32 and stochastic rounding);
+    # any other dtype is refused, naming the tensor, at construction and before a step.
+    param_dtypes: frozenset = frozenset({torch.float32, torch.bfloat16, torch.float16})
+    dtype_note = ""  # why the others are refused (appended to the error)
 
     def __init__(self, params: Iterable, lr: float, *, replicate_group=None, **hyperparameters):
         name = type(self).__name__
@@ -133,27 +154,45 @@ class StatelessOptimizer(torch.optim.Optimizer):
         if isinstance(lr, torch.Tensor):  # torch.optim's convention: the tensor itself, filled in place by schedulers
             defaults["lr"] = lr
         defaults["replicate_group"] = group_ref(replicate_group)
-        groups = list(params) if not isinstance(params, torch.Tensor) else [params]
-        if not groups:
-            raise ValueError(f"{name} got an empty parameter list")
-        if not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
-        prepared = []
-        for i, g in enumerate(groups):
-            g = dict(g)
-            g["params"] = list(g["params"]) if not isinstance(g["params"], torch.Tensor) else [g["params"]]
-            if "replicate_group" in g:
-                g["replicate_group"] = group_ref(g["replicate_group"])
-            validate_group(self.config_cls, {**defaults, **g}, f"{name} param group {i}")
-            prepared.extend(self._split_by_rule(g, i) if self.uses_rules else [g])
-        super().__init__(prepared, defaults)
-        for g in self.param_groups:
-            g.setdefault("step", 0)
-            g.setdefault("skipped_steps", 0)
-            # True shapes at construction: ``rule_counts()`` and the flat-partition check of the layouts
-            # need them once a backend (ZeRO) has replaced the tensors by flat partitions.
-            g.setdefault("_shapes", [true_shape(p) for p in g["params"]])
+        if self.uses_rules:
+            defaults.update(rule="auto", batch_dims=0)
+        super().__init__(params, defaults)  # torch's checks; calls add_param_group for each group
         self._init_runtime()
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group`` (tensors, names, duplicates, defaults) on a copy of ``param_group``,
+        with its hyper-parameters validated first and its tensors checked after: a refused group leaves
+        the optimizer as it was. ``names`` (the older key of ``param_groups()``) becomes ``param_names``."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        group = dict(param_group)  # torch fills defaults into the dict it gets: not into the caller's
+        if "names" in group:
+            names = group.pop("names")
+            group.setdefault("param_names", list(names))
+        if "replicate_group" in group:
+            group["replicate_group"] = group_ref(group["replicate_group"])
+        where = f"{type(self).__name__} param group {len(self.param_groups)}"
+        group = validate_group(self.config_cls, {**self.defaults, **group}, where)
+        super().add_param_group(group)
+        try:
+            self._prepare_group(self.param_groups[-1], where)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _prepare_group(self, group: dict, where: str) -> None:
+        names = group.get("param_names")
+        if names is not None and len(names) != len(group["params"]):
+            raise ValueError(f"{where}: {len(names)} param_names for {len(group['params'])} params")
+        if self.uses_rules:
+            self._check_rule(group, where)
+        for j, p in enumerate(group["params"]):
+            self._check_dtype(group, j, where)
+        group.setdefault("step", 0)
+        group.setdefault("skipped_steps", 0)
+        # True shapes at construction: the rule of each weight, ``rule_counts()`` and the flat-partition
+        # check of the layouts need them once a backend (ZeRO) has replaced the tensors by flat partitions.
+        group.setdefault("_shapes", [true_shape(p) for p in group["params"]])
 
     def _init_runtime(self) -> None:
         """What a step needs besides ``defaults``/``state``/``param_groups`` (rebuilt after unpickling)."""
@@ -170,48 +209,111 @@ class StatelessOptimizer(torch.optim.Optimizer):
         self._pending_counts: dict[int, tuple[dict, torch.Tensor]] = {}
         self._masks: StepMasks | None = None
         self._keep_buffers: dict = {}
+        self._validated: dict[int, tuple] = {}  # id(group) -> the values last validated (_validate_groups)
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _label(group: dict, j: int) -> str:
+        """How an error names tensor ``j`` of ``group``: its name if known, its position and true shape."""
+        names = group.get("param_names")
+        name = f" {names[j]!r}" if names is not None and j < len(names) else ""
+        shapes = group.get("_shapes")
+        shape = shapes[j] if shapes and j < len(shapes) else true_shape(group["params"][j])
+        return f"tensor {j}{name} (shape {tuple(shape)})"
+
+    def _check_dtype(self, group: dict, j: int, where: str) -> None:
+        p = group["params"][j]
+        if p.dtype in self.param_dtypes:
+            return
+        label = self._label(group, j)
+        if p.is_complex():
+            raise TypeError(f"{where}: {label} is {p.dtype}; complex weights are not supported (view them as "
+                            "real with torch.view_as_real and optimize that)")
+        supported = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.param_dtypes))
+        raise TypeError(f"{where}: {label} is {p.dtype}; {type(self).__name__} steps {supported} weights"
+                        f"{self.dtype_note}")
+
+    @staticmethod
+    def _check_rule(group: dict, where: str) -> None:
+        """``rule``: "auto" (each weight by its true shape, ``weight_rule``), "matrix" or "fallback";
+        ``batch_dims``: leading dims of >= 3-D weights that index independent matrices."""
+        batch_dims = group.get("batch_dims", 0)
+        if type(batch_dims) is not int or batch_dims < 0:
+            raise ValueError(f"{where}: batch_dims must be a non-negative int, got {batch_dims!r}")
+        rule = group.get("rule", "auto")
+        if rule not in ("auto", "matrix", "fallback"):
+            raise ValueError(f"{where}: rule must be 'auto', 'matrix' or 'fallback', got {rule!r}")
+        if rule == "matrix":
+            shapes = group.get("_shapes") or [true_shape(p) for p in group["params"]]
+            for j, shape in enumerate(shapes):
+                if len(shape) < 2:
+                    raise ValueError(f"{where}: rule='matrix' needs tensors with >= 2 dims, got shape "
+                                     f"{tuple(shape)} ({StatelessOptimizer._label(group, j)}); use "
+                                     "rule='fallback' or 'auto' for it")
+
+    def _validate_groups(self) -> None:
+        """Before any weight changes: the values in every param group (an LR scheduler or user code may
+        have written them since the last step) and every tensor's dtype (``model.half()`` after the
+        optimizer was built). A bad value raises naming the field and the group, and no weight moves. A
+        group is validated again only when one of its values changed (one tuple compare per group)."""
+        keys = (*self.config_cls.model_fields, "rule", "batch_dims")
+        name = type(self).__name__
+        for i, g in enumerate(self.param_groups):
+            where = f"{name} param group {i} (before step {g.get('step', 0) + 1})"
+            values = tuple(g.get(k) for k in keys)
+            last = self._validated.get(id(g))
+            # types first: a tensor written over a float compares equal to it (0.01 == tensor(0.01))
+            same = last is not None and all(type(a) is type(b) for a, b in zip(last, values)) and last == values
+            lr = g.get("lr")
+            if isinstance(lr, torch.Tensor) and lr.device.type == "cpu":
+                same = False  # a host tensor lr may have been filled in place: its value is re-read (free here)
+            if not same:
+                validate_group(self.config_cls, g, where, unknown_keys=True)
+                if self.uses_rules:
+                    self._check_rule(g, where)
+                self._validated[id(g)] = tuple(g.get(k) for k in keys)
+            for j, p in enumerate(g["params"]):
+                if p.dtype not in self.param_dtypes:
+                    self._check_dtype(g, j, where)
 
     # ------------------------------------------------------------------ groups and rules
-    @staticmethod
-    def _split_by_rule(group: dict, index: int) -> list[dict]:
-        """A group without a ``rule`` is split by true shape: ndim >= 2 (+ batch_dims) -> matrix rule,
-        0-/1-D -> fallback. Decided once here and kept as a group key, because tags on Parameter
-        objects do not survive FSDP2's DTensor swap or ZeRO's flattening."""
-        batch_dims = group.get("batch_dims", 0)
-        if not isinstance(batch_dims, int) or batch_dims < 0:
-            raise ValueError(f"param group {index}: batch_dims must be a non-negative int, got {batch_dims!r}")
-        rule = group.get("rule")
-        if rule is not None:
-            if rule not in ("matrix", "fallback"):
-                raise ValueError(f"param group {index}: rule must be 'matrix' or 'fallback', got {rule!r}")
-            if rule == "matrix":
-                for p in group["params"]:
-                    if len(true_shape(p)) < 2 + batch_dims:
-                        raise ValueError(
-                            f"param group {index}: rule='matrix' needs tensors with >= {2 + batch_dims} dims, "
-                            f"got shape {true_shape(p)}; use rule='fallback' for it"
-                        )
-            return [group]
-        names = group.get("names")
-        parts: dict[str, dict] = {}
-        for j, p in enumerate(group["params"]):
-            r = "matrix" if len(true_shape(p)) >= 2 + batch_dims else "fallback"
-            part = parts.setdefault(r, {**group, "params": [], "rule": r, **({"names": []} if names else {})})
-            part["params"].append(p)
-            if names:
-                part["names"].append(names[j])
-        return list(parts.values()) or [{**group, "rule": "fallback"}]
+    def weight_rule(self, group: dict, shape: tuple) -> str:
+        """Which rule steps a weight of true ``shape`` in ``group``: "elementwise" here; SWAN/SinkGD
+        answer "matrix" or "fallback" (``MatrixRuleOptimizer.weight_rule``)."""
+        return "elementwise"
 
     def rule_counts(self) -> dict[str, dict[str, int]]:
         """How many tensors and elements each rule got, e.g. ``{"matrix": {"tensors": 12, "params": ...}}``."""
         out: dict[str, dict[str, int]] = {}
         for g in self.param_groups:
-            rule = g.get("rule", "elementwise") if self.uses_rules else "elementwise"
-            shapes = g.get("_shapes") or [true_shape(p) for p in g["params"]]
-            c = out.setdefault(rule, {"tensors": 0, "params": 0})
-            c["tensors"] += len(shapes)
-            c["params"] += sum(math.prod(s) for s in shapes)
+            for shape in g.get("_shapes") or [true_shape(p) for p in g["params"]]:
+                c = out.setdefault(self.weight_rule(g, tuple(shape)), {"tensors": 0, "params": 0})
+                c["tensors"] += 1
+                c["params"] += math.prod(shape)
         return out
+
+    def split_groups_by_rule(self) -> None:
+        """Replace each param group holding weights of both rules by one group per rule (same values,
+        ``rule`` set). For engines that flatten each group into one buffer (DeepSpeed ZeRO): the matrix
+        rule and the fallback keep different state, so a flat buffer must hold one kind only. Only
+        before the first step (no state yet)."""
+        if self.state:
+            raise RuntimeError("split_groups_by_rule() must run before the first step")
+        out = []
+        for g in self.param_groups:
+            shapes = g["_shapes"]
+            rules = [self.weight_rule(g, tuple(s)) for s in shapes]
+            if len(set(rules)) < 2:
+                out.append({**g, "rule": rules[0]} if rules and self.uses_rules else g)
+                continue
+            for rule in dict.fromkeys(rules):
+                idx = [j for j, r in enumerate(rules) if r == rule]
+                part = {**g, "rule": rule, "params": [g["params"][j] for j in idx], "_shapes": [shapes[j] for j in idx]}
+                if g.get("param_names") is not None:
+                    part["param_names"] = [g["param_names"][j] for j in idx]
+                out.append(part)
+        self.param_groups[:] = out
+        self._validated.clear()
 
     @classmethod
     def state_size(cls, group: dict, element_bytes: int) -> StateSize:
@@ -251,7 +353,12 @@ class StatelessOptimizer(torch.optim.Optimizer):
         return out + self.launch_tables.tables()
 
     def _decides_on_device(self, group: dict, device: torch.device) -> bool:
-        """``capturable`` resolved for one group: None means on the device except on the CPU."""
+        """``capturable`` resolved for one group: None means on the device except on the CPU. Traced by
+        torch.compile: on the host (dynamo sets every group's ``capturable`` to True while it traces an
+        optimizer, as for torch.optim's own; the device-decided step's fused AdamW with a tensor LR has
+        no fake kernel, and our Triton kernels are off there anyway)."""
+        if torch.compiler.is_compiling():
+            return False
         cap = group.get("capturable")
         return cap if cap is not None else device.type != "cpu"
 
@@ -319,7 +426,10 @@ class StatelessOptimizer(torch.optim.Optimizer):
 
     def _shards(self, tensor: torch.Tensor, group: dict, key: tuple) -> list[WeightShard]:
         for layout in self.layouts:
-            out = layout.shards(tensor, group, key)
+            try:
+                out = layout.shards(tensor, group, key)
+            except ValueError as err:  # name the tensor: layouts only see tensors
+                raise ValueError(f"{type(self).__name__} param group {key[0]}, {self._label(group, key[1])}: {err}") from None
             if out is not None:
                 return out
         raise RuntimeError(f"{type(self).__name__}: no layout of {self.layouts} describes a tensor of shape "
@@ -355,6 +465,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._validate_groups()
         self._log_rules_once()
         work = self._gather_work()
         if not work:
@@ -363,6 +474,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
         device = peak.device
         if any(self._decides_on_device(w.group, device) for w in work):
             self._step_on_device(work, shards, peak, bad)
+            write_back_staged(shards)  # every weight computed (masked): staged copies go back as they are
             return loss
         live = self._live_on_host(shards, peak, bad)
         if live is None:
@@ -377,6 +489,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
                 continue
             w.group["step"] += 1
             self._step_group(w.group, units, live)
+        write_back_staged(s for w in work for shards in w.shards for s in shards)
         return loss
 
     def _step_on_device(self, work: list[GroupWork], shards: list[WeightShard], peak: torch.Tensor,
@@ -407,7 +520,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
                     raise RuntimeError("a param group stepped for the first time during CUDA graph capture: run an "
                                        "eager step first")
                 entry = self._pending_counts[id(w.group)] = (w.group, torch.zeros(2, dtype=torch.float64, device=device))
-            entry[1].add_(torch.stack([keep[first:first + n].amax(), bad[0]]))
+            entry[1].add_(torch.stack([keep[first:first + n].amax(), bad[0].float()]))
             first += n
         if device.type == "cpu" and self._counters_on_host:  # free there: keep the group counters current
             self.sync_counters()
@@ -444,8 +557,10 @@ class StatelessOptimizer(torch.optim.Optimizer):
         grads = [s.grad for s in all_shards]
         held = [g for g in grads if g.numel()]  # the inf-norm of an empty tensor is undefined
         device = grads[0].device
-        peaks_held = iter(torch._foreach_norm(held, float("inf"), dtype=torch.float32) if held else ())
-        zero = torch.zeros((), dtype=torch.float32, device=device)
+        # exact in fp32 for fp32/bf16/fp16 gradients; fp64 ones keep their range (1e300 is finite)
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in held) else torch.float32
+        peaks_held = iter(torch._foreach_norm(held, float("inf"), dtype=dtype) if held else ())
+        zero = torch.zeros((), dtype=dtype, device=device)
         peak = torch.stack([next(peaks_held) if g.numel() else zero for g in grads])
         by_comm: dict[int, list[int]] = {}
         comms: dict[int, Collectives] = {}
@@ -459,7 +574,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
                     idx.append(i)
             for c in self._comms_for(s.process_groups):
                 agree[id(c)] = c
-        bad = (~torch.isfinite(peak)).any().to(torch.float32).reshape(1)
+        bad = (~torch.isfinite(peak)).any().to(peak.dtype).reshape(1)
         for cid, idx in by_comm.items():
             index = self.launch_tables.get(tuple(idx), torch.long, peak.device)  # built once, no copy later
             part = torch.cat([peak[index], bad])
@@ -469,6 +584,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
         for cid, c in agree.items():
             if cid not in comms:
                 c.all_reduce_max_(bad)
+        attach_peaks(all_shards, peak)
         return all_shards, peak, bad
 
     @staticmethod
@@ -504,7 +620,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
             return
         decay = 1.0 - lr * weight_decay
         scales = scales or [1.0] * len(params)
-        full = [i for i, p in enumerate(params) if p.dtype == torch.float32]
+        full = [i for i, p in enumerate(params) if p.dtype in NATIVE_DTYPES]
         if full:
             ps = [params[i] for i in full]
             if decay != 1.0:
@@ -514,7 +630,7 @@ class StatelessOptimizer(torch.optim.Optimizer):
             else:
                 for i in full:
                     params[i].add_(updates[i], alpha=-lr * scales[i])
-        low = [i for i, p in enumerate(params) if p.dtype != torch.float32]
+        low = [i for i, p in enumerate(params) if p.dtype not in NATIVE_DTYPES]
         if low:
             gen = self._rounding_generator(group, params[low[0]].device)
             for i in low:
@@ -543,29 +659,31 @@ class StatelessOptimizer(torch.optim.Optimizer):
             todo = rest
         if not todo:
             return
-        decay = (1.0 - lr * wd).float()
+        decay = 1.0 - lr * wd
         gen = None
         for i in todo:
             p, keep = params[i], masks.flag(keys[i])
             coef = lr if scales is None else lr * scales[i]
-            old = p.float()
-            value = torch.addcmul(old * decay, updates[i], (-coef).float())
+            old = p if p.dtype in NATIVE_DTYPES else p.float()  # fp64 in fp64, the others in fp32
+            value = torch.addcmul(old * decay.to(old.dtype), updates[i], (-coef).to(old.dtype))
             value = torch.where(keep > 0, value, old)
-            if p.dtype == torch.float32:
+            if p.dtype in NATIVE_DTYPES:
                 p.copy_(value)
             else:
-                if gen is None:
+                if gen is None and group.get("stochastic_rounding", True):
                     gen = self._rounding_generator(group, device)
                 self._write(p, value, group, gen)
+
     def _write(self, dst: torch.Tensor, value: torch.Tensor, group: dict, gen) -> None:
-        if dst.dtype == torch.bfloat16 and group.get("stochastic_rounding", True):
+        if group.get("stochastic_rounding", True):
             stochastic_round_(dst, value, gen)
         else:
             dst.copy_(value)
 
     def _rounding_generator(self, group: dict, device) -> torch.Generator:
-        """Seeded by the group's step (the step being taken): a device-decided step reads its counter
-        from the device (one host read; stochastic rounding cannot be captured in a graph)."""
+        """Seeded by the group's step (the step being taken) and position (found by identity:
+        ``list.index`` would compare the groups' tensors elementwise): a device-decided step reads its
+        counter from the device (one host read; stochastic rounding cannot be captured in a graph)."""
         step = group["step"]
         if self._masks is not None:
             if kernels.capturing(device):
@@ -574,8 +692,9 @@ class StatelessOptimizer(torch.optim.Optimizer):
                                    "stochastic_rounding=False")
             self.sync_counters()
             step = group["step"] + 1  # this step's number when it steps (its writes are masked otherwise)
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
         gen = torch.Generator(device=device)
-        gen.manual_seed((step * 1_000_003 + self.param_groups.index(group) * 7919) % (2**63))
+        gen.manual_seed((step * 1_000_003 + index * 7919) % (2**63))
         return gen
 
     # ------------------------------------------------------------------ checkpoints
@@ -595,16 +714,20 @@ class StatelessOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts every floating state tensor to its parameter's dtype on load; ours are fp32 by
         design (fallback moments of bf16 weights, SGD-SaI scales), so restore their saved dtype. Where
-        the gradients are replicated is a fact of this run, not of the checkpoint: it is kept. The
-        empty entries of stateless tensors (``state_dict``) are dropped: such a tensor has no state.
-        Counts still pending on the device belong to the run being replaced: dropped."""
-        live_replicas = [g.get("replicate_group") for g in self.param_groups]
+        the gradients are replicated is a fact of this run, not of the checkpoint: it is kept, and so is
+        every group key the checkpoint lacks (an older release's: torch would drop the live value, e.g.
+        the ``rule`` mark that decides a group's state). The empty entries of stateless tensors
+        (``state_dict``) are dropped: such a tensor has no state. Counts still pending on the device
+        belong to the run being replaced: dropped."""
+        live = [dict(g) for g in self.param_groups]
         self._pending_counts, self._scalars = {}, {}
         super().load_state_dict(state_dict)
         for p in [p for p, st in self.state.items() if not st]:
             del self.state[p]
-        for g, ref in zip(self.param_groups, live_replicas):
-            g["replicate_group"] = ref
+        for g, old in zip(self.param_groups, live):
+            g["replicate_group"] = old.get("replicate_group")
+            for k, v in old.items():
+                g.setdefault(k, v)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -617,9 +740,6 @@ class StatelessOptimizer(torch.optim.Optimizer):
                     self.state[p][k] = v.detach().to(self._scale_device(group_of[p], p), torch.float32).clone()
                 elif torch.is_tensor(v) and v.dtype == torch.float32 and self.state[p][k].dtype != torch.float32:
                     self.state[p][k] = v.to(device=self.state[p][k].device)
-        for g in self.param_groups:
-            g.setdefault("step", 0)
-            g.setdefault("skipped_steps", 0)
 
     def _scale_device(self, group: dict, param: torch.Tensor) -> torch.device:
         """Where per-weight ``host_state`` lives: on the host for host-decided steps, beside the weight
@@ -635,6 +755,9 @@ class StatelessOptimizer(torch.optim.Optimizer):
         """Unpickling / deepcopy (a fresh object: default layouts, empty caches), and torch's
         ``load_state_dict``, which calls this on the live object (attached layouts are kept)."""
         super().__setstate__(state)
+        for st in self.state.values():  # torch.optim.AdamW's rule: a step counter saved as a number
+            if isinstance(st, dict) and "step" in st and not torch.is_tensor(st["step"]):
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
         self.defaults.setdefault("replicate_group", None)
         for g in self.param_groups:
             g.setdefault("replicate_group", self.defaults["replicate_group"])
@@ -652,33 +775,67 @@ class MatrixRuleOptimizer(StatelessOptimizer):
     # which fragments share one ``_matrix_update`` call (layouts.batch_runs): the full signature where
     # row/column statistics travel; "holders" where only whole matrices do (owners balanced over all)
     run_by = "signature"
+    dtype_note = (" (the matrix rule computes in fp32, so a float64 weight is refused rather than silently "
+                  "stepped in lower precision: cast with model.float())")
 
     @classmethod
     def state_size(cls, group: dict, element_bytes: int) -> StateSize:
         """0 on matrix-rule weights; the AdamW fallback's two fp32 moments and its step counter (on the
-        device unless steps are decided on the host)."""
+        device unless steps are decided on the host; ``group["rule"]``: the weight's rule, ``weight_rule``)."""
         if group.get("rule") == "fallback" and group.get("fallback", "adamw") == "adamw":
             return adamw_fallback_state(group)
         return StateSize()
 
+    def weight_rule(self, group: dict, shape: tuple) -> str:
+        """"fallback" for 0-/1-D weights and in a ``rule="fallback"`` group; otherwise "matrix", unless
+        the matrix rule cannot move the weight (``_matrix_rule_fits``: SWAN's GradNorm zeroes a 1 x 1)."""
+        if group.get("rule") == "fallback" or len(shape) < 2:
+            return "fallback"
+        count, m, n = matrix_shape(shape, tensor_batch_dims(shape, group.get("batch_dims", 0)))
+        return "matrix" if self._matrix_rule_fits(m, n, group) else "fallback"
+
+    def _matrix_rule_fits(self, m: int, n: int, group: dict) -> bool:
+        """Whether the matrix rule gives an (m x n) matrix a useful update."""
+        return True
+
     def _ensure_state(self, group, units, shards) -> None:
-        if group["rule"] == "fallback" and group["fallback"] == "adamw":
-            for t in units:
-                on_device = self._decides_on_device(group, t.device)
-                adamw_state(self.state[t], t, t.device if on_device else None)
+        if group["fallback"] == "adamw":
+            for t, ss in zip(units, shards):
+                if self._unit_rule(group, ss) == "fallback":
+                    on_device = self._decides_on_device(group, t.device)
+                    adamw_state(self.state[t], t, t.device if on_device else None)
+
+    def _unit_rule(self, group: dict, shards: list[WeightShard]) -> str:
+        """The rule of the weights a tensor holds: one, or several of one rule (a ZeRO partition of a
+        group ``split_groups_by_rule`` made); a tensor holding both would need two kinds of state."""
+        rules = {self.weight_rule(group, s.shape) for s in shards}
+        if len(rules) > 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: one tensor holds weights of both rules (a flattened buffer of a mixed "
+                "param group); call optimizer.split_groups_by_rule() before the engine flattens the groups"
+            )
+        return rules.pop() if rules else "fallback"
 
     def _step_group(self, group, units, live) -> None:
-        shards = [s for _, ss in units for s in ss]
+        """The fallback on the group's fallback weights at ``lr * fallback_lr_ratio``, then the matrix
+        rule on the others, in runs of fragments that share their collectives."""
         masks = live if isinstance(live, StepMasks) else None
-        lr = self._lr(group, shards[0].grad.device, masks)
-        if group["rule"] == "fallback":
-            lr = lr * group["fallback_lr_ratio"]
-            if group["fallback"] == "adamw":
-                adamw_fallback(self, group, units, lr, masks)
-            else:
-                stateless_fallback(self, group, shards, lr, ROW_FLOORS[group["fallback"]])
+        fallback, matrix = [], []
+        for t, ss in units:
+            (fallback if self._unit_rule(group, ss) == "fallback" else matrix).append((t, ss))
+        shards = [s for _, ss in units for s in ss]
+        if not shards:
             return
-        frags = [f for s in shards for f in split_matrices(s, group.get("batch_dims", 0))]
+        lr = self._lr(group, shards[0].grad.device, masks)
+        if fallback:
+            fallback_lr = lr * group["fallback_lr_ratio"]
+            if group["fallback"] == "adamw":
+                adamw_fallback(self, group, fallback, fallback_lr, masks)
+            else:
+                stateless_fallback(self, group, [s for _, ss in fallback for s in ss], fallback_lr,
+                                   ROW_FLOORS[group["fallback"]])
+        batch_dims = group.get("batch_dims", 0)
+        frags = [f for _, ss in matrix for s in ss for f in split_matrices(s, tensor_batch_dims(s.shape, batch_dims))]
         for run in batch_runs(frags, self.run_by):
             self._matrix_update(group, run, self._comm(run[0].weight), lr)
 

@@ -23,7 +23,7 @@ import torch
 
 from . import kernels
 from .layouts import MatrixFragment
-from .precision import TINY, matmul_fp32
+from .precision import matmul_fp32
 
 
 def chunks(items: Sequence, cost_bytes: Callable[[object], int], budget: int) -> list[list[int]]:
@@ -98,16 +98,19 @@ class FragmentStack:
     one bf16 rounding of its terms, averaged: ~1e-4 relative on gradients, against 2^-9 per element.
     """
 
-    def __init__(self, frags: list[MatrixFragment], geometry: "StackGeometry", stats_dtype: torch.dtype):
+    def __init__(self, frags: list[MatrixFragment], geometry: "StackGeometry", stats_dtype: torch.dtype,
+                 inv_scale: Sequence[torch.Tensor]):
         self.frags = frags
         self.row_off, self.col_off, self.parts = geometry.row_off, geometry.col_off, geometry.parts
         self.s = torch.empty((len(frags), frags[0].local.numel), dtype=stats_dtype, device=frags[0].grad.device)
-        for row, f in zip(self.s, frags):
+        # S = (G * 2^k)^2 with 2^k (``inv_scale``, one per fragment, exact) from ``matrix_exponents``: the
+        # scaled entries are at most 1 in magnitude, so their squares neither overflow nor underflow
+        for row, f, inv in zip(self.s, frags, inv_scale):
             g = f.grad.reshape(-1)
             if g.dtype == torch.float32:
-                torch.mul(g, g, out=row)  # rounded once into stats_dtype
+                torch.mul(g, inv, out=row).square_()  # a bf16 S: G * 2^k rounded, then its square
             else:
-                row.copy_(g.float().square_())
+                row.copy_(g.float().mul_(inv).square_())
 
     def _views(self, t: torch.Tensor):
         for offset, h, w, rows, cols in self.parts:
@@ -234,11 +237,43 @@ def cols_split(frags: Sequence[MatrixFragment]) -> bool:
     return any(not f.weight.replicated and any(e.cuts_cols(f.m, f.n) for e in f.extents) for f in frags)
 
 
+# Smallest norm a row or column is scaled from. Matrices arrive scaled to a largest entry in [0.5, 1)
+# (``matrix_exponents``), so real norms sit far above it; it only binds for an all-zero matrix (an expert
+# without tokens beside live ones), whose scales sqrt(n) / NORM_FLOOR must stay finite when squared in
+# fp32 (TINY's would overflow to inf, and 0 * inf is NaN).
+NORM_FLOOR = 1e-15
+
+
 def floor_norms(norms: torch.Tensor, matrix_of: torch.Tensor, fro: torch.Tensor, count: torch.Tensor, eps: float):
     """Clamp row (or column) norms at a floor relative to their matrix's scale, eps * ||X||_F / sqrt(count):
-    a 1e-30 row in a matrix of norm 1 must not be blown up to norm sqrt(n). A zero matrix uses TINY."""
-    floor = (eps * fro / count.sqrt()).clamp_min(TINY)
+    a 1e-30 row in a matrix of norm 1 must not be blown up to norm sqrt(n). A zero matrix uses NORM_FLOOR."""
+    floor = (eps * fro / count.sqrt()).clamp_min(NORM_FLOOR)
     return torch.maximum(norms, floor[matrix_of])
+
+
+def matrix_exponents(frags: Sequence[MatrixFragment], device: torch.device) -> torch.Tensor:
+    """Per matrix, the int k such that 2^k brings its largest gradient magnitude into [0.5, 1) (the update
+    does not depend on a matrix's scale, and scaled entries square safely in fp32 where |g| > 1.8e19
+    would overflow and |g| < 1e-19 underflow). Every rank holding a piece of a matrix must use the same k:
+    the magnitude is the weight's peak over all ranks (the screen's ``WeightShard.peak``), or the matrix's
+    own where this rank holds it whole (one expert of a stack) or no screen ran (one process)."""
+    own = [i for i, f in enumerate(frags)
+           if f.weight.peak is None or (f.m * f.n != f.weight.numel and _whole_here(f))]
+    held = [i for i in own if frags[i].grad.numel()]
+    norms = dict(zip(held, torch._foreach_norm([frags[i].grad for i in held], float("inf")))) if held else {}
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    peaks = torch.stack([norms.get(i, zero).float() if i in own else f.weight.peak.float()
+                         for i, f in enumerate(frags)])
+    _, e = torch.frexp(peaks)  # peak = mantissa * 2^e, mantissa in [0.5, 1) (e = 0 for a zero matrix)
+    return (-e).clamp_max(126)  # 2^126: fp32's largest power of two whose reciprocal is normal
+
+
+def _whole_here(f: MatrixFragment) -> bool:
+    return f.weight.replicated or f.local.numel == f.m * f.n
+
+
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    return torch.ldexp(torch.ones(k.shape, dtype=torch.float32, device=k.device), k)
 
 
 def normalize_rows_cols(
@@ -275,7 +310,10 @@ def normalize_rows_cols(
     one vector for all matrices (skipped where no rank holds part of a row); columns likewise.
     """
     index, geometries = chunk_geometry(frags, device, cache)
-    stacks = [FragmentStack([frags[p] for p in g.positions], g, stats_dtype) for g in geometries]
+    k = matrix_exponents(frags, device)
+    inv = _pow2(k)
+    stacks = [FragmentStack([frags[p] for p in g.positions], g, stats_dtype, [inv[p] for p in g.positions])
+              for g in geometries]
     row_reduce = tuple(row_comms) if rows and rows_split(frags) else ()
     col_reduce = tuple(col_comms) if columns and cols_split(frags) else ()
     row_scale = index.row_scale.fill_(1.0)
@@ -287,6 +325,10 @@ def normalize_rows_cols(
         if columns:
             _normalize_axis(stacks, index, col_reduce, eps, rows=False, scale=col_scale, other=row_scale,
                             fro_comms=fro_comms)
+    # The scales were found for G * 2^k; fold 2^k into them, half into each so that neither overflows
+    half = torch.div(k, 2, rounding_mode="floor")
+    row_scale.mul_(_pow2(half)[index.row_matrix])
+    col_scale.mul_(_pow2(k - half)[index.col_matrix])
     fused = []  # one launch for every fusable fragment of the chunk
     for st in stacks:
         if fused_update is not None and st.fusable():

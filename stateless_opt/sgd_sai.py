@@ -110,6 +110,8 @@ class SGDSaI(StatelessOptimizer):
     # one fp32 scale per weight: not flat-shaped (see host_state); on the host when steps are decided there
     host_state = frozenset({"gsnr"})
     weight_state = frozenset({"gsnr"})
+    # elementwise: fp64 weights are stepped in fp64 (momentum buffer like the weight)
+    param_dtypes = StatelessOptimizer.param_dtypes | {torch.float64}
 
     def __init__(self, params, lr: float = 1e-2, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
@@ -293,7 +295,8 @@ class SGDSaI(StatelessOptimizer):
                 adamw_state(state, t, t.device if self._decides_on_device(group, t.device) else None)
                 continue
             if not state:
-                state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                # contiguous: each weight's piece is a flat range of it, like the weight's own piece
+                state["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.contiguous_format)
                 state["gsnr"] = torch.full((len(ss),), float("nan"), dtype=torch.float32,
                                            device=self._scale_device(group, t))
 
@@ -386,6 +389,10 @@ def _fused_fp32_step(frags: list, mu: float, lr: float, weight_decay: float, max
     by more than tests/test_sgd_sai_official.py allows; so W is rounded as the official does: W * (1 -
     lr*wd), then the update. The generic path: 40 bytes."""
     if not frags:
+        return
+    if torch.compiler.is_compiling():  # traced: aten::_fused_sgd_ has no fake (meta) kernel, the same math in ops
+        for p, g, buf, value, first in frags:
+            sgd_sai_update(p, g, buf, value / max_scale, lr=lr, momentum=mu, weight_decay=weight_decay, first=first)
         return
     device = frags[0][0].device
     if kernels.available(device):  # one pass (20 bytes a parameter, decay included), one launch

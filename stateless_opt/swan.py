@@ -28,7 +28,7 @@ from .config import MatrixRuleConfig
 from .optimizer import MatrixRuleOptimizer
 from .owner_compute import gather_compute_scatter, owners_and_chunks
 from .polar_express import PE_LOWER, bf16_ops, direct_bf16, polar_express, polar_express_flops
-from .precision import TINY, matmul_precision
+from .precision import FP32_TINY, TINY, matmul_precision
 
 
 # ====================================================================================== the rule
@@ -108,11 +108,24 @@ def orient(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x, False
 
 
-def gradnorm(x: torch.Tensor, eps: float, axis: int = -1) -> torch.Tensor:
-    """GradNorm along ``axis`` (-1: rows, -2: columns): (x - mean) / (population std + eps)."""
-    centred = x - x.mean(dim=axis, keepdim=True)
-    std = centred.square().mean(dim=axis, keepdim=True).sqrt_()
-    return centred.div_(std.add_(eps))
+def gradnorm(x: torch.Tensor, eps, axis: int = -1) -> torch.Tensor:
+    """GradNorm along ``axis`` (-1: rows, -2: columns): (x - mean) / (population std + eps). ``eps`` may be
+    a tensor (one per matrix, from ``unit_scale``); a zero-spread row divides by at least fp32's
+    smallest normal number, so it gives 0 even where eps underflowed. The statistics come from one
+    Welford pass (``var_mean``), whose mean of a constant row is exact: such a row becomes exactly 0, as
+    in float64, not the rounding noise of an fp32 sum standardised to full size."""
+    var, mean = torch.var_mean(x, dim=axis, correction=0, keepdim=True)
+    return (x - mean).div_(var.sqrt_().add_(eps).clamp_min_(FP32_TINY))
+
+
+def unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per matrix of x (..., m, n), the power of two 2^k that brings its largest entry into [0.5, 1).
+    SWAN's direction does not change when x and eps are both multiplied by it (exactly: a power of
+    two), and the scaled squares of GradNorm and the whitening neither overflow (|g| > 1.8e19) nor
+    underflow (|g| < 1e-19) in fp32."""
+    peak = x.abs().amax(dim=(-2, -1), keepdim=True)
+    _, e = torch.frexp(peak)
+    return torch.ldexp(torch.ones_like(peak), (-e).clamp_max(126))
 
 
 def inverse_sqrt_newton_schulz(gram: torch.Tensor, steps: int) -> torch.Tensor:
@@ -131,7 +144,8 @@ def inverse_sqrt_newton_schulz(gram: torch.Tensor, steps: int) -> torch.Tensor:
     a2 = torch.matmul(y, y)
     a4 = torch.matmul(a2, a2)
     del a2
-    spectral_bound = torch.linalg.matrix_norm(a4).clamp_min(TINY ** 2).pow(0.25)[..., None, None]
+    # (clamped after the root: TINY ** 2 is 0 in fp32, and a zero Gram would divide 0 by 0)
+    spectral_bound = torch.linalg.matrix_norm(a4).pow(0.25).clamp_min(TINY)[..., None, None]
     del a4
     # A tiny ridge keeps every eigenvalue positive: fp32 rounding gives the null direction of a
     # rank-deficient Gram (square weights after centring) a slightly negative eigenvalue, which the
@@ -174,9 +188,12 @@ def swan_direction(
     lower: float = PE_LOWER,
     dtype: str = "float32",
     symmetric: bool = True,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """SWAN's update direction for whole matrices g (B, m, n) (or a list of B same-shape matrices), fp32
-    in, fp32 out, RMS 1 each: the batched ``swan_update``.
+    in, fp32 out, RMS 1 each: the batched ``swan_update``. Each matrix is first scaled by ``unit_scale``
+    (eps with it); ``in_place``: an fp32 batch ``g`` may be scaled where it is (the caller's stacked
+    copy); a list is never written (its matrices may be the gradients themselves).
 
     1. orient so that m <= n; 2. GradNorm; 3. whiten: (G G^T)^(-1/2) G, the polar factor U V^T
     (on the range for rank-deficient G, e.g. square weights after centring); 4. rescale to RMS 1.
@@ -186,18 +203,26 @@ def swan_direction(
     ``symmetric``: bf16 Polar Express on CUDA computes its symmetric products (X X^T, A^2) with the
     Triton kernel that forms only half of each (``polar_express.bf16_ops``).
     """
-    if method == "polar_express":
-        return _polar_express_direction(g, eps=eps, steps=steps, lower=lower, dtype=dtype, gradnorm_axis=gradnorm_axis,
-                                        symmetric=symmetric)
-    if method not in ("newton_schulz", "eigh"):
+    if method not in ("polar_express", "newton_schulz", "eigh"):
         raise ValueError(f"unknown whitening method {method!r}")
-    x = torch.stack(list(g)).float() if isinstance(g, (list, tuple)) else g.float()
+    if method == "polar_express" and dtype == "bfloat16":  # scales each matrix as it reads it (no stacked copy)
+        return _polar_express_bf16(g, eps=eps, steps=steps, lower=lower, gradnorm_axis=gradnorm_axis,
+                                   symmetric=symmetric, in_place=in_place)
+    stacked = isinstance(g, (list, tuple))
+    x = torch.stack(list(g)).float() if stacked else g.float()
+    scale = unit_scale(x)
+    x = x.mul_(scale) if (x is not g or in_place) else x * scale  # a copy of ours, or the caller's to scale
+    eps = eps * scale
+    if method == "polar_express":
+        return _polar_express_direction(x, eps=eps, steps=steps, lower=lower, dtype=dtype, gradnorm_axis=gradnorm_axis,
+                                        symmetric=symmetric)
     if gradnorm_axis == "stored_rows":
         x = gradnorm(x, eps)
         x, transposed = orient(x)
     else:
         x, transposed = orient(x)
         x = gradnorm(x, eps)
+    x = x.mul_(unit_scale(x))  # GradNorm's output is eps-small for a tiny gradient; whitening ignores scale
     if method == "eigh":
         # All in fp64: an fp32 Gram's rounding (~1e-7 lambda_max) sits above the eigenvalue cutoff, so
         # the null direction of a rank-deficient G~ (every square weight after centring) would be
@@ -242,7 +267,8 @@ def _polar_express_direction(
     # The axis GradNorm standardises, in the oriented (m <= n) view: -1 = rows, -2 = columns.
     axis = -2 if (gradnorm_axis == "stored_rows" and transposed) else -1
     m, n = xo.shape[-2:]
-    d = polar_express(gradnorm(xo, eps, axis), steps, lower, "float32")  # fp32: cuBLAS throughout
+    xn = gradnorm(xo, eps, axis)
+    d = polar_express(xn.mul_(unit_scale(xn)), steps, lower, "float32")  # fp32: cuBLAS; whitening ignores the scale
     out = torch.empty(xo.shape[:-2] + ((n, m) if transposed else (m, n)), dtype=torch.float32, device=x.device)
     _recentre_into(d, axis, out.transpose(-2, -1) if transposed else out)
     return out
@@ -259,20 +285,30 @@ def _recentre_into(d: torch.Tensor, axis: int, out: torch.Tensor) -> None:
     torch.addcmul(-mean.float() * scale, d, scale, out=out)
 
 
-def _gradnorm_into(x: torch.Tensor, out: torch.Tensor, axis: int, eps: float) -> None:
-    """GradNorm of ``x`` along ``axis``, divided by its Frobenius norm, written into ``out`` (bf16): mean
-    and variance in one pass, ||G~||_F from them, one write."""
+def _gradnorm_into(g: torch.Tensor, out: torch.Tensor, axis: int, eps: float, in_place: bool = False) -> None:
+    """GradNorm of ``g`` along ``axis``, divided by its Frobenius norm, written into ``out`` (bf16): ``g``
+    scaled by ``unit_scale`` first (eps with it: the squares of the statistics stay in fp32's range; in
+    place only where ``g`` is a copy of ours or ``in_place``), mean and variance in one Welford pass,
+    ||G~||_F from them, one write."""
+    x = g.float()
+    unit = unit_scale(x)
+    x = x.mul_(unit) if (x is not g or in_place) else x * unit
+    eps = eps * unit
     count = x.shape[axis]
     var, mean = torch.var_mean(x, dim=axis, correction=0, keepdim=True)
-    scale = var.sqrt().add_(eps).reciprocal_()
-    scale = torch.where(var > 0, scale, torch.zeros_like(scale))  # zero-spread rows: exactly 0
-    # ||G~||_F^2 = sum over rows of count * var * scale^2, without another pass over G
-    fro = (var * scale.square()).sum(dim=(-2, -1), keepdim=True).mul_(count).sqrt_()
-    scale = torch.where(fro > 0, scale / fro.clamp_min(TINY), torch.zeros_like(scale))
+    sd = var.sqrt()
+    scale = torch.where(var > 0, (sd + eps).reciprocal_(), torch.zeros_like(sd))  # zero-spread rows: exactly 0
+    # ||G~||_F^2 = count * sum over rows of t^2, t = sd * scale (each row's RMS after GradNorm, < 1), taken
+    # relative to the largest t (where eps dominates, every t is eps-small and t^2 underflows); no pass over G
+    t = sd * scale
+    t_max = t.amax(dim=(-2, -1), keepdim=True).clamp_min_(FP32_TINY)
+    fro = (t / t_max).square_().sum(dim=(-2, -1), keepdim=True).mul_(count).sqrt_()
+    scale = torch.where(fro > 0, scale / t_max / fro.clamp_min(TINY), torch.zeros_like(scale))
     torch.addcmul(-mean * scale, x, scale, out=out)  # (x - mean) * scale, in one pass
 
 
-def _polar_express_bf16(g, *, eps: float, steps: int, lower: float, gradnorm_axis: str, symmetric: bool):
+def _polar_express_bf16(g, *, eps: float, steps: int, lower: float, gradnorm_axis: str, symmetric: bool,
+                        in_place: bool = False):
     mats = list(g) if isinstance(g, (list, tuple)) else None
     first = mats[0] if mats is not None else g[0]
     rows, cols = first.shape[-2:]
@@ -283,10 +319,10 @@ def _polar_express_bf16(g, *, eps: float, steps: int, lower: float, gradnorm_axi
     ops = bf16_ops(first.device, symmetric)
     xs = ops.empty_padded((batch, rows, cols), first.device)
     if mats is None:
-        _gradnorm_into(g.float(), xs[..., :rows, :cols], axis, eps)
+        _gradnorm_into(g, xs[..., :rows, :cols], axis, eps, in_place)
     else:
-        for k, mat in enumerate(mats):  # each gradient read where it is: no stacked copy
-            _gradnorm_into(mat.float(), xs[k, :rows, :cols], axis, eps)
+        for k, mat in enumerate(mats):  # each gradient read where it is (and never written): no stacked copy
+            _gradnorm_into(mat, xs[k, :rows, :cols], axis, eps)
     d = direct_bf16(ops.load(xs), steps, lower, ops, right=tall)[..., :rows, :cols]
     out = torch.empty(batch, rows, cols, dtype=torch.float32, device=first.device)
     _recentre_into(d, axis, out)
@@ -365,6 +401,12 @@ class SWAN(MatrixRuleOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
+
+    def _matrix_rule_fits(self, m: int, n: int, group: dict) -> bool:
+        """GradNorm centres along one axis (the longer one, or the stored rows): with one element there
+        every entry becomes 0 and the weight would never move (a 1 x 1, or N x 1 with "stored_rows"); such
+        a weight takes the fallback."""
+        return (n if group["gradnorm_axis"] == "stored_rows" else max(m, n)) > 1
 
     def _matrix_update(self, group, frags, comm, lr) -> None:
         method = group["whitening"]

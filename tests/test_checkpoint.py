@@ -749,6 +749,27 @@ def test_every_catalogue_row_resumes_bitwise_in_one_process(row, tmp_path):
     assert_bitwise(uninterrupted, Run("single", model2, opt2, 0, 1).train(2))
 
 
+def test_param_names_stay_this_runs(tmp_path):
+    """A group's ``param_names`` name this run's tensors (e.g. with a DDP wrapper's ``module.`` prefix):
+    a portable checkpoint, which finds weights by the model's names, does not write the saved run's
+    names over them."""
+    from stateless_opt import param_groups
+    from stateless_opt.checkpoint import load_portable, save_portable
+
+    def named(prefix, seed):
+        model = fresh_model(seed)
+        groups = [{**g, "param_names": [prefix + n for n in g["param_names"]]} for g in param_groups(model)]
+        return model, make_opt("swan", groups)
+
+    model, opt = named("saved.", 0)
+    Run("single", model, opt, 0, 1).train(0)
+    save_portable(model, opt, tmp_path / "a")
+    model2, opt2 = named("module.", 1)
+    before = [list(g["param_names"]) for g in opt2.param_groups]
+    load_portable(model2, opt2, tmp_path / "a")
+    assert [g["param_names"] for g in opt2.param_groups] == before
+
+
 def test_consolidated_checkpoint_holds_the_same_and_loads(tmp_path):
     """``consolidate`` (one piece per tensor) of a 2-rank ZeRO-2 checkpoint: same content, same resume."""
     from stateless_opt.checkpoint import consolidate, load_portable, read_portable

@@ -3,13 +3,17 @@ field (constructor arguments and per-group values alike); good JSON-style values
 
 from __future__ import annotations
 
+import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from stateless_opt import SGDSaI, SGDSaIConfig, SinkGD, SinkGDConfig, SWAN, SWANConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ps():
@@ -105,7 +109,7 @@ def test_rule_matrix_on_1d_raises(cls):
         cls([{"params": [vec], "rule": "matrix"}])
     with pytest.raises(ValueError, match="rule='matrix'"):
         cls([{"params": [nn.Parameter(torch.zeros(()))], "rule": "matrix"}])
-    with pytest.raises(ValueError, match="rule must be 'matrix' or 'fallback'"):
+    with pytest.raises(ValueError, match="rule must be 'auto', 'matrix' or 'fallback'"):
         cls([{"params": [vec], "rule": "adam"}])
     with pytest.raises(ValueError, match="batch_dims must be a non-negative int"):
         cls([{"params": [vec], "batch_dims": -1}])
@@ -147,7 +151,28 @@ def test_config_models_reject_bad_values_directly():
 
 def test_group_bookkeeping_keys_are_allowed():
     # names / step / skipped_steps travel in param groups (param_groups(), state_dict()) and are
-    # not hyper-parameters
+    # not hyper-parameters; "names" (the older key) becomes torch's "param_names"
     ps = _ps()
     opt = SWAN([{"params": ps, "names": ["w", "b"], "step": 0, "skipped_steps": 0}])
-    assert sorted(n for g in opt.param_groups for n in g["names"]) == ["b", "w"]
+    assert sorted(n for g in opt.param_groups for n in g["param_names"]) == ["b", "w"]
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("name", ["swan", "sinkgd", "sgdsai"])
+def test_non_finite_floats_are_refused_where_configs_enter(name, value):
+    # the DeepSpeed JSON door and the launch YAML / CLI refuse inf / NaN naming the field (they made
+    # every weight non-finite at the first step); the constructor, add_param_group and values written
+    # between steps: test_torch_contract.test_errors
+    pytest.importorskip("deepspeed")
+    import stateless_opt.integrations.deepspeed as sds
+    from launch.config import ConfigError, load_config
+
+    cls = sds.lookup(name)
+    floats = [k for k, f in cls.config_cls.model_fields.items() if f.annotation is float]
+    for field in floats:
+        with pytest.raises(ValueError, match=rf'"params".*{field}: Input should be a finite number'):
+            sds.json_params(cls, {"lr": 1e-3, field: value}, name)
+    with pytest.raises(ConfigError, match=rf"optimizer\.{name}\.lr: Input should be a finite number"):
+        load_config(ROOT / "configs" / "quickstart.yaml", {f"optimizer.{name}.lr": value})
+    with pytest.raises(ConfigError, match=r"model\.init_std: Input should be (a finite number|greater than 0)"):
+        load_config(ROOT / "configs" / "quickstart.yaml", {"model.init_std": value})

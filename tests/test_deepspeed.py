@@ -260,7 +260,9 @@ class FeedReference:
         from stateless_opt import param_groups
 
         self.model = _model(0)
-        self.opt = _make_opt(kind, param_groups(self.model), hp)
+        # stepped on rank 0 only: a rank-local optimizer (no vote over the default group on skipping)
+        self.opt = _make_opt(kind, param_groups(self.model),
+                             {**(hp if hp is not None else hyper(kind)), "replicate_group": False})
         self.params = dict(self.model.named_parameters())
         self.torch = torch
 
@@ -326,7 +328,8 @@ def _reference(kind, init, steps, world, clip, seed=0, hp=None):
 
     model = _model(0)
     model.load_state_dict({n: v.float() for n, v in init.items()})
-    opt = _make_opt(kind, param_groups(model), hp)
+    # stepped on rank 0 only: a rank-local optimizer (no vote over the default group on skipping)
+    opt = _make_opt(kind, param_groups(model), {**(hp if hp is not None else hyper(kind)), "replicate_group": False})
     traj = []
     for t in range(steps):
         ids, y = _batch(t, world, seed)
@@ -1011,8 +1014,8 @@ def test_json_groups_classify_by_module():
     m = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 3), nn.LayerNorm(3))
     groups = sds.json_groups(m, None)
     assert [g["rule"] for g in groups] == ["matrix", "fallback"]
-    assert groups[0]["names"] == ["1.weight"]
-    assert groups[1]["names"] == ["0.weight", "1.bias", "2.weight", "2.bias"]
+    assert groups[0]["param_names"] == ["1.weight"]
+    assert groups[1]["param_names"] == ["0.weight", "1.bias", "2.weight", "2.bias"]
     hf_style = [{"params": [m[1].weight, m[0].weight], "weight_decay": 0.1}, {"params": [m[1].bias], "weight_decay": 0.0}]
     groups = sds.json_groups(m, hf_style)
     assert [(g["rule"], g["weight_decay"], len(g["params"])) for g in groups] == [

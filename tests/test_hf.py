@@ -124,7 +124,7 @@ def summary(trainer, recorder) -> dict:
         "opt": type(opt).__name__ if opt is not None else None,
         "hyper": {k: v for k, v in opt.param_groups[0].items() if k in ("iterations", "whitening", "fallback_lr_ratio")},
         "rule_counts": opt.rule_counts(),
-        "fallback_names": sorted(n for g in opt.param_groups if g.get("rule") == "fallback" for n in g["names"]),
+        "fallback_names": sorted(n for g in opt.param_groups if g.get("rule") == "fallback" for n in g["param_names"]),
         "layout": type(_engine_layout(opt)).__name__ if _engine_layout(opt) is not None else None,
         "bytes_sent": opt.bytes_sent(),
         "record": recorder.rec,
@@ -217,7 +217,7 @@ def test_factory_builds_from_the_model(name, cls):
     opt = factory_cls()(model, **kwargs)
     assert type(opt) is cls and opt.replicate_group is True
     by_rule = {g["rule"]: g for g in opt.param_groups}
-    assert set(by_rule["fallback"]["names"]) == FALLBACK_NAMES
+    assert set(by_rule["fallback"]["param_names"]) == FALLBACK_NAMES
     assert by_rule["fallback"]["weight_decay"] == 0.0 and by_rule["matrix"]["weight_decay"] == 0.1
     assert all(g["lr"] == 3e-3 for g in opt.param_groups)
 

@@ -28,7 +28,7 @@ def test_pyproject_extras_are_the_doors_extras():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     core = {re.split(r"[<>=;\[ ]", d)[0].lower() for d in project["dependencies"]}
-    assert core == {"torch", "pydantic", "psutil"}
+    assert core == {"torch", "pydantic", "psutil", "safetensors"}  # safetensors: the portable checkpoint
     for extra, modules in EXTRAS.items():
         names = {re.split(r"[<>=;\[ ]", d)[0].lower() for d in extras[extra]}
         assert set(modules) <= {IMPORT_NAME.get(n, n) for n in names}, (extra, names)

@@ -370,11 +370,13 @@ def test_rowclip_fallback_matches_reference(cls, shape):
 
 
 def test_plain_list_splits_by_shape_and_fallback_lr_ratio_applies():
-    # SWAN(list): >= 2-D -> matrix at lr, 1-D and 0-D -> AdamW at lr * ratio; the first AdamW step
-    # moves each entry by ~lr * ratio (|m_hat / sqrt(v_hat)| = 1).
+    # SWAN(list): one param group (as the user passed it); inside it >= 2-D -> matrix at lr, 1-D and
+    # 0-D -> AdamW at lr * ratio; the first AdamW step moves each entry by ~lr * ratio (|m_hat / sqrt(v_hat)| = 1).
     mat, vec, scalar = _weight((4, 8), 7), _weight((5,), 7), _weight((), 7)
     opt = SWAN([mat, vec, scalar], lr=1e-3, fallback_lr_ratio=7.0)
-    assert [g["rule"] for g in opt.param_groups] == ["matrix", "fallback"]
+    assert len(opt.param_groups) == 1
+    assert [opt.weight_rule(opt.param_groups[0], tuple(p.shape)) for p in (mat, vec, scalar)] == [
+        "matrix", "fallback", "fallback"]
     before = [p.detach().clone() for p in (vec, scalar)]
     for p in (mat, vec, scalar):
         p.grad = torch.randn(p.shape, generator=_gen(8))
@@ -609,7 +611,7 @@ def test_batch_dims_equals_independent_matrices(cls, fallback):
     opt_b = cls([{"params": [stacked], "batch_dims": 1}], **kw)
     opt_s = cls(singles, **kw)
     opt_f = cls([flat], **kw)
-    assert opt_b.param_groups[0]["rule"] == "matrix"
+    assert opt_b.rule_counts() == {"matrix": {"tensors": 1, "params": e * 60}}
     for g in _grads((e, *shape), 3, 60):
         stacked.grad, flat.grad = g.clone(), g.clone()
         for i, p in enumerate(singles):
@@ -622,11 +624,13 @@ def test_batch_dims_equals_independent_matrices(cls, fallback):
     assert len(opt_b.state) == 0
 
 
-def test_batch_dims_needs_enough_dims():
-    with pytest.raises(ValueError, match="rule='matrix'"):
-        SWAN([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "rule": "matrix", "batch_dims": 1}])
-    opt = SWAN([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "batch_dims": 1}])
-    assert opt.param_groups[0]["rule"] == "fallback"
+def test_batch_dims_apply_per_tensor():
+    # batch_dims is at most ndim - 2 for each weight: beside an (E, out, in) expert stack, a 2-D
+    # weight of the same group stays one matrix on the matrix rule (MoE: attention next to experts)
+    for rule in ("matrix", "auto"):
+        opt = SWAN([{"params": [torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(3, 4, 5))],
+                     "rule": rule, "batch_dims": 1}])
+        assert opt.rule_counts() == {"matrix": {"tensors": 2, "params": 16 + 60}}
 
 
 def test_swan_whitening_sub_batch_size_does_not_change_the_update(monkeypatch):

@@ -36,7 +36,12 @@ or a wrong ``_StridedShard`` order is off by 1e-2 .. 1 (checked by breaking the 
 
 from __future__ import annotations
 
+import atexit
 import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -454,6 +459,50 @@ for _row in ("swan", "sgdsai"):  # the AdamW fallback's moments; SGD-SaI's momen
     CASES.add(f"tp_dcp_{_row}", dcp_resume, WORLDS, row=_row)
 
 
+# The parent's tmp dir for the portable checkpoints, handed to the spawns (removed at exit).
+PORTABLE_ROOT = Path(tempfile.gettempdir()) / f"stateless_opt_tp_{os.getpid()}"
+atexit.register(shutil.rmtree, PORTABLE_ROOT, True)
+PORTABLE_ROWS = ("swan", "sgdsai")  # the AdamW fallback's moments; SGD-SaI's momentum and per-weight scales
+
+
+def portable_path(row: str, world: int, root: Path = PORTABLE_ROOT) -> Path:
+    return Path(root) / f"{row}_{'tp2' if world == 2 else 'dp2xtp2'}"
+
+
+def llama_step(model, opt, t: int, dp_rank: int = 0, dp_size: int = 1) -> None:
+    ids, targets = global_batch(t, next(model.parameters()).device)
+    llama_loss(model, ids.chunk(dp_size)[dp_rank], targets.chunk(dp_size)[dp_rank]).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def portable_regrid(ctx, row: str, root: str):
+    """Steps 0-1 under TP 2 (world 2) or FSDP2 x TP 2 x 2 (world 4), ``save_portable``, then step 2;
+    a fresh model under FSDP2 alone over the same ranks (1-D mesh, no TP: another layout) loads the
+    checkpoint and takes step 2. The parent resumes the same checkpoint in one process (TP 2 -> 1)."""
+    from stateless_opt.checkpoint import load_portable, save_portable
+    from test_fsdp2 import get_mesh
+
+    model, dp_rank, dp_size = parallel_llama(ctx)
+    opt = make_opt(row, model)
+    for t in range(2):
+        llama_step(model, opt, t, dp_rank, dp_size)
+    path = portable_path(row, ctx.world, root)
+    save_portable(model, opt, path)
+    llama_step(model, opt, 2, dp_rank, dp_size)
+    other = make_llama().to(ctx.device)
+    apply_fsdp(other, get_mesh(ctx, "1d"))
+    opt2 = make_opt(row, other)
+    load_portable(other, opt2, path)
+    loaded_steps = [g["step"] for g in opt2.param_groups]
+    llama_step(other, opt2, 2, ctx.rank, ctx.world)
+    return {"uninterrupted": snapshot(model), "fsdp2": snapshot(other), "loaded_steps": loaded_steps}
+
+
+for _row in PORTABLE_ROWS:
+    CASES.add(f"tp_portable_{_row}", portable_regrid, WORLDS, row=_row, root=str(PORTABLE_ROOT))
+
+
 # ------------------------------------------------------------------------------------ memory report
 def memory(ctx):
     """``memory_report`` of SWAN (AdamW fallback) and of torch's AdamW on the parallelised model."""
@@ -641,6 +690,39 @@ def test_memory_report_tp_layouts(world):
         assert ours["state_matrix"] == 0 and ours["state_fallback"] > 0
         assert ours["state_pred"] == ours["state_matrix"] + ours["state_fallback"] + ours["state_other"]
         assert ours["adamw_state"] == real["state_other"] == real["state_pred"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("row", PORTABLE_ROWS)
+def test_portable_checkpoint_from_tp_to_fsdp2_and_one_process(row, world):
+    """The portable checkpoint of a TP 2 (or FSDP2 x TP 2 x 2) run loads under FSDP2 alone on the same
+    ranks and in one process (TP 2 -> 1); in each, the next step equals the single-process run's step 3
+    (``REL_TOL`` of the path travelled, as the LLaMA equivalence above: only fp32 summation orders
+    differ), as does the uninterrupted TP run's. Replicated norms are written once (by TP rank 0)."""
+    from stateless_opt.checkpoint import load_portable, read_portable
+
+    PORTABLE_ROOT.mkdir(exist_ok=True)
+    per_rank = CASES.result(f"tp_portable_{row}", world)
+    ref = llama_reference(row, torch.device("cpu"))
+    model = make_llama()
+    opt = make_opt(row, model)
+    with torch.no_grad():  # the checkpoint must bring every weight
+        for p in model.parameters():
+            p.zero_()
+    load_portable(model, opt, portable_path(row, world))
+    assert [g["step"] for g in opt.param_groups] == [2] * len(opt.param_groups)
+    llama_step(model, opt, 2)
+    runs = {"one process": snapshot(model), **{f"{k} rank {r}": res[k] for r, res in enumerate(per_rank)
+                                               for k in ("uninterrupted", "fsdp2")}}
+    for where, got in runs.items():
+        rel = max((got[n] - ref[3][n]).abs().max().item() / (ref[3][n] - ref[0][n]).abs().max().item()
+                  for n in ref[0])
+        assert rel < REL_TOL[row], (_mesh_of(world), where, rel)
+    assert all(res["loaded_steps"] == [2] * len(res["loaded_steps"]) for res in per_rank)
+    pieces = {n: len(t["pieces"]) for n, t in read_portable(portable_path(row, world))["index"]["tensors"].items()}
+    cut = 2 if world == 2 else 4
+    assert pieces["weight/layers.0.feed_forward.w1.weight"] == pieces["weight/tok_embeddings.weight"] == cut
+    assert pieces["weight/norm.weight"] == cut // 2  # TP copies written once; FSDP2 cuts it over "dp"
 
 
 # ------------------------------------------------------------------------------ cuts, no processes
