@@ -20,6 +20,14 @@ class OptimizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
+    capturable: bool | None = Field(
+        None,
+        description="where a step's decisions are made: True - on the device (NaN/Inf skip, zero-gradient masks, "
+        "counters, scales, LR read from device scalars): no host sync, no host-device copy, so the step can be "
+        "captured in a CUDA graph (stateless_opt.CUDAGraphOptimizer); False - on the host after one sync (work "
+        "skipped for zero-gradient weights); None - on the device on accelerators, on the host on the CPU",
+    )
+
     @field_validator("*", mode="before")
     @classmethod
     def _int_to_float(cls, value: Any, info) -> Any:
@@ -76,6 +84,12 @@ class MatrixRuleConfig(AdamWFallbackConfig):
     )
 
 
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
 # Keys a param group may carry besides hyper-parameters.
 # ``replicate_group``: the process group (by name, see collectives.group_ref) over which the group's
 # gradients are identical (DDP), set by ``param_groups(ddp_model)`` or the ``replicate_group=`` argument.
@@ -92,7 +106,15 @@ EXTERNAL_GROUP_KEYS = {"initial_lr", "max_lr", "min_lr", "base_lr", "max_momentu
 
 
 def validate(config_cls: type[OptimizerConfig], values: dict[str, Any], where: str) -> OptimizerConfig:
-    """Validate ``values`` and re-raise with a message that names each offending field and ``where``."""
+    """Validate ``values`` and re-raise with a message that names each offending field and ``where``.
+    ``lr`` may be a one-element tensor (as in torch.optim, for a captured step that a scheduler fills in
+    place): its value is validated; the tensor itself stays in the param group."""
+    lr = values.get("lr")
+    if _is_tensor(lr):
+        if lr.numel() != 1 or not lr.dtype.is_floating_point:
+            raise ValueError(f"invalid {where}: lr: Input should be a valid number or a one-element floating-point "
+                             f"tensor, got shape {tuple(lr.shape)} and dtype {lr.dtype}")
+        values = {**values, "lr": float(lr.detach().reshape(()))}
     try:
         return config_cls(**values)
     except ValidationError as err:
@@ -106,7 +128,7 @@ def validate(config_cls: type[OptimizerConfig], values: dict[str, Any], where: s
 def validate_group(config_cls: type[OptimizerConfig], group: dict[str, Any], where: str, *,
                    unknown_keys: bool = False) -> dict[str, Any]:
     """Validate a param group's hyper-parameters (keys of ``config_cls``) and write the validated values
-    back into ``group`` (a JSON int becomes a float, a one-element tensor its number). ``unknown_keys=False``
+    back into ``group`` (a JSON int becomes a float; a tensor ``lr`` stays the tensor, see ``validate``). ``unknown_keys=False``
     (a group entering the optimizer): any other key must be one of ``GROUP_KEYS`` / ``EXTERNAL_GROUP_KEYS``;
     ``True`` (a group already in it, re-checked before a step): keys a scheduler added are left alone."""
     if unknown_keys:
@@ -115,5 +137,5 @@ def validate_group(config_cls: type[OptimizerConfig], group: dict[str, Any], whe
         hyper = {k: v for k, v in group.items()
                  if k not in GROUP_KEYS and k not in EXTERNAL_GROUP_KEYS and not k.startswith("_")}
     config = validate(config_cls, hyper, where)
-    group.update({k: getattr(config, k) for k in hyper})
+    group.update({k: getattr(config, k) for k in hyper if not (k == "lr" and _is_tensor(hyper[k]))})
     return group

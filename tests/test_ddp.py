@@ -67,8 +67,9 @@ def count_whitened():
     orig = swan_mod.swan_direction
 
     def counting(g, **kw):
-        counted["matrices"] += g.shape[0]
-        counted["shapes"] += [tuple(g.shape[-2:])] * g.shape[0]
+        n = len(g)  # a batch (B, m, n) or a list of B matrices
+        counted["matrices"] += n
+        counted["shapes"] += [tuple(g[0].shape[-2:])] * n
         return orig(g, **kw)
 
     swan_mod.swan_direction = counting

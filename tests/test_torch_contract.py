@@ -11,7 +11,7 @@ gradients and LBFGS's closures. After them, the parts of the contract users meet
 groups, ``GradScaler``, ``torch.compile`` of ``step()``, ``named_parameters()``, deepcopy / pickle.
 
 Where we deliberately differ from torch.optim (the README's "Where we differ from torch.optim"), the
-test asserts the clear error instead (``test_tensor_lr``, ``test_complex``, the error inputs).
+test asserts the clear error instead (``test_complex``, the error inputs).
 """
 
 from __future__ import annotations
@@ -160,11 +160,12 @@ def test_param_group_with_lrscheduler_goes_right_direction(row):
 
 @rows()
 def test_tensor_lr(row):
-    # a one-element tensor lr is read as its number (the group holds a float: schedulers and the step
-    # read it on the host), wherever it enters: the constructor, a param group, or written into a group
-    # between steps (as a scheduler or user code may). Each run equals the float lr's up to the lr's
-    # fp32 rounding (5e-8 relative), which the whitening's iterations amplify to a few fp32 ulps of the
-    # weights: torch's default fp32 tolerance, as its test_tensor_lr
+    # a one-element tensor lr stays the tensor in the group (torch.optim's convention: a scheduler
+    # fills it in place and the step reads it, a captured step on the device too), wherever it enters:
+    # the constructor, a param group, or written into a group between steps (as a scheduler or user
+    # code may). Each run equals the float lr's up to the lr's fp32 rounding (5e-8 relative), which the
+    # whitening's iterations amplify to a few fp32 ulps of the weights: torch's default fp32 tolerance,
+    # as its test_tensor_lr
     for kw in row.inputs:
         runs = []
         for how in ("float", "constructor", "group", "written"):
@@ -176,10 +177,10 @@ def test_tensor_lr(row):
                 opt = row.make([weight, bias], **{**kw, "lr": lr if how == "constructor" else kw["lr"]})
             for _ in range(5):
                 if how == "written":
-                    opt.param_groups[0]["lr"] = torch.tensor(kw["lr"])
+                    lr = opt.param_groups[0]["lr"] = torch.tensor(kw["lr"])
                 _fwd_bwd(opt, weight, bias, inp)
                 opt.step()
-                assert type(opt.param_groups[0]["lr"]) is float, how
+                assert opt.param_groups[0]["lr"] is lr, how
             runs.append((weight.detach(), bias.detach()))
         for run in runs[1:]:
             for a, b in zip(runs[0], run):
