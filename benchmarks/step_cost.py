@@ -1,8 +1,15 @@
 """Cost of the optimizer step alone (gradients given) on LLaMA-shaped parameter sets.
 
 Times ``optimizer.step()`` with default settings for fused AdamW, ``torch.optim.Muon`` (if this torch
-has it), SWAN, SinkGD and SGD-SaI: CUDA events, warm-up, median of N; ``--variants`` also times other
-settings (e.g. ``"ns_steps=5;sinkgd:stats_dtype=float32;sgdsai:fused=false"``). Also writes SWAN's
+has it), microsoft/dion's ``Muon`` (mega-batched Polar Express; when its ``dion`` package is importable,
+e.g. a checkout's parent directory on PYTHONPATH: it is not a dependency), SWAN, SinkGD and SGD-SaI:
+CUDA events, warm-up, median of N, and the host time of issuing the step. ``--graph`` also times the
+named optimizers with the whole step captured in a CUDA graph and replayed (ours through
+``stateless_opt.CUDAGraphOptimizer``, dion's through its ``CudaGraphOptimizer``); ``--variants`` times
+other settings (e.g. ``"ns_steps=5;sinkgd:stats_dtype=float32;sgdsai:fused=false"``). With
+``--train-step`` each step's share of a training step; ``targets`` holds the issue's ratios, met or
+missed; ``--baseline-json`` adds the rows of another commit's run of this script (same device, same
+call) as ``before``. Also writes SWAN's
 relative Frobenius error from the exact polar factor (fp64 SVD, on the range) for its default settings
 on this device, on the benchmark's Gaussian matrices and on real gradients (a small random-init
 ``transformers`` LlamaForCausalLM with the preset's widths, forward/backward on random tokens), with
@@ -30,6 +37,7 @@ from stateless_opt.swan import swan_direction, whitening_flops, whitening_plan
 
 # (layers, hidden, intermediate, vocab) following the GaLore/C4 LLaMA family.
 PRESETS = {
+    "tiny": (2, 128, 344, 1000),  # a smoke test of the script on a CPU
     "60m": (8, 512, 1376, 32000),
     "134m": (12, 768, 2048, 32000),
     "350m": (24, 1024, 2736, 32000),
@@ -60,6 +68,15 @@ def make_params(shapes, device, dtype, seed=0, on_device=False):
     return params
 
 
+def dion_module():
+    """microsoft/dion's package if importable (its checkout's parent on PYTHONPATH), else None."""
+    try:
+        import dion
+    except ImportError:
+        return None
+    return dion
+
+
 def build(name, matrices, fallback, **kw):
     """The optimizer ``name`` over the parameter set; ``kw`` overrides our optimizers' defaults."""
     groups = [{"params": matrices, "rule": "matrix"}, {"params": fallback, "rule": "fallback"}]
@@ -67,6 +84,8 @@ def build(name, matrices, fallback, **kw):
         return torch.optim.AdamW(matrices + fallback, lr=1e-3, fused=True)
     if name == "muon":
         return [torch.optim.Muon(matrices, lr=1e-3), torch.optim.AdamW(fallback, lr=1e-3, fused=True)]
+    if name == "dion_muon":  # its defaults: mega-batched Polar Express (5 bf16 steps), AdamW for the rest
+        return dion_module().Muon([{"params": matrices}, {"params": fallback, "algorithm": "adamw"}], lr=1e-3)
     if name == "swan":
         return SWAN(groups, lr=1e-3, **kw)
     if name == "sinkgd":
@@ -102,6 +121,42 @@ def time_ms(run, device, warmup=2, iters=5, host: list | None = None) -> float:
     return statistics.median(times)
 
 
+def graphed(name: str, opt):
+    """``opt`` with its whole step captured in a CUDA graph after 2 eager steps."""
+    if name == "dion_muon":
+        from dion.cuda_graph import CudaGraphOptimizer
+
+        return CudaGraphOptimizer(opt, warmup_steps=2)
+    from stateless_opt import CUDAGraphOptimizer
+
+    return CUDAGraphOptimizer(opt, warmup_steps=2)
+
+
+def profile_step(name: str, matrices, fallback, device, dtype, rows: int = 25) -> dict:
+    """Where one eager step's GPU time goes: kernels by total CUDA time (torch.profiler), and how many
+    launches the step makes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = make_params(matrices, device, dtype, on_device=True)
+    f = make_params(fallback, device, dtype, 1, on_device=True)
+    opt = build(name, m, f)
+    for _ in range(2):
+        opt.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in kernels) / 1e3
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]
+    out = {"gpu_ms": total, "launches": sum(e.count for e in kernels),
+           "kernels": [{"name": e.key[:120], "count": e.count, "ms": e.self_device_time_total / 1e3} for e in top]}
+    del m, f, opt
+    torch.cuda.empty_cache()
+    return out
+
+
 def time_step(opt, device, warmup=2, iters=5, host: list | None = None) -> float:
     opts = opt if isinstance(opt, list) else [opt]
 
@@ -117,7 +172,7 @@ def swan_settings(device, **overrides) -> dict:
     d = SWAN([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, **overrides).defaults
     steps, dtype = whitening_plan(d["whitening"], d["ns_steps"], d["whitening_dtype"], device)
     return dict(eps=d["eps"], steps=steps, method=d["whitening"], lower=d["pe_lower_bound"], dtype=dtype,
-                gradnorm_axis=d["gradnorm_axis"])
+                gradnorm_axis=d["gradnorm_axis"], symmetric=d["fused"])
 
 
 def exact_direction(g: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -143,17 +198,25 @@ def direction_error(g: torch.Tensor, settings: dict, ref: torch.Tensor | None = 
     return float((d - ref).norm() / ref.norm())
 
 
-def polar_errors(shapes, device, seed=1) -> dict:
-    """On Gaussian matrices of the benchmark's shapes: error of the default and of the old default."""
+def polar_errors(shapes, device, seed=1, steps=()) -> dict:
+    """On Gaussian matrices of the benchmark's shapes: error of the default, of the old default, of the
+    default with cuBLAS for every product (``fused=False``) and with other step counts (``steps``)."""
     out = {}
     for m, n in shapes:
         g = torch.randn((m, n), generator=torch.Generator().manual_seed(seed)).to(device)
         ref, cond = exact_direction(g)
-        out[f"{m}x{n}"] = {
-            "cond_gradnormed": cond,
-            "default": direction_error(g, swan_settings(device), ref),
-            "newton_schulz_12_fp32": direction_error(g, swan_settings(device, whitening="newton_schulz"), ref),
-        }
+        out[f"{m}x{n}"] = {"cond_gradnormed": cond, **errors_of_settings(g, device, ref, steps)}
+    return out
+
+
+def errors_of_settings(g, device, ref, steps=()) -> dict:
+    out = {
+        "default": direction_error(g, swan_settings(device), ref),
+        "default_cublas": direction_error(g, swan_settings(device, fused=False), ref),
+        "newton_schulz_12_fp32": direction_error(g, swan_settings(device, whitening="newton_schulz"), ref),
+    }
+    for k in steps:
+        out[f"ns_steps_{k}"] = direction_error(g, swan_settings(device, ns_steps=k), ref)
     return out
 
 
@@ -206,17 +269,12 @@ def forward_backward_ms(preset: str, device, batch: int = 8, seq: int = 1024, it
             "setting": "fp32 weights, bf16 autocast, sdpa, no activation checkpointing"}
 
 
-def real_gradient_errors(preset: str, device) -> dict:
-    grads = llama_gradients(preset, device)
+def real_gradient_errors(preset: str, device, steps=(), layers: int = 2) -> dict:
+    grads = llama_gradients(preset, device, layers=layers)
     out = {}
     for name, g in grads.items():
         ref, cond = exact_direction(g)
-        out[name] = {
-            "shape": list(g.shape),
-            "cond_gradnormed": cond,
-            "default": direction_error(g, swan_settings(device), ref),
-            "newton_schulz_12_fp32": direction_error(g, swan_settings(device, whitening="newton_schulz"), ref),
-        }
+        out[name] = {"shape": list(g.shape), "cond_gradnormed": cond, **errors_of_settings(g, device, ref, steps)}
     return out
 
 
@@ -277,6 +335,48 @@ def parse_variants(spec: str, default_name: str = "swan") -> list[tuple[str, dic
     return out
 
 
+# The issue's targets (one H100/H200, 1.3B, ratios in one run): (what, row, reference row or None, bound)
+TARGETS = (
+    ("SWAN <= 0.8x dion Muon", "swan", "dion_muon", 0.8),
+    ("SinkGD <= 2x fused AdamW", "sinkgd", "adamw_fused", 2.0),
+    ("SGD-SaI <= 1.0x fused AdamW", "sgdsai", "adamw_fused", 1.0),
+)
+SHARE_BOUNDS = {"swan": 0.15, "sinkgd": 0.05, "sgdsai": 0.05}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Each target, for the eager and the captured row of our optimizer (against the peer's best row of
+    the two): the ratio, the bound, met or by how much it is missed; host time <= 10% of GPU time for
+    every row; each step's share of a training step (when timed)."""
+    by = {r["optimizer"]: r for r in rows if r.get("ms") is not None}
+    out = []
+
+    def best(name):
+        cands = [by[n] for n in (name, name + "[graph]") if n in by]
+        return min(cands, key=lambda r: r["ms"]) if cands else None
+
+    for what, name, ref, bound in TARGETS:
+        peer = best(ref)
+        for label in (name, name + "[graph]"):
+            if label in by and peer is not None:
+                ratio = by[label]["ms"] / peer["ms"]
+                out.append({"target": what, "row": label, "against": peer["optimizer"], "value": ratio,
+                            "bound": bound, "met": ratio <= bound, "missed_by": max(0.0, ratio / bound - 1.0)})
+    for label, r in by.items():
+        if r.get("host_share_of_gpu") is not None:
+            out.append({"target": "host time <= 10% of GPU time", "row": label, "value": r["host_share_of_gpu"],
+                        "bound": 0.10, "met": r["host_share_of_gpu"] <= 0.10,
+                        "missed_by": max(0.0, r["host_share_of_gpu"] / 0.10 - 1.0)})
+        base = label.split("[")[0]
+        if base in SHARE_BOUNDS and r.get("share_of_training_step") is not None:
+            bound = SHARE_BOUNDS[base]
+            out.append({"target": f"{base} <= {bound:.0%} of a training step", "row": label,
+                        "value": r["share_of_training_step"], "bound": bound,
+                        "met": r["share_of_training_step"] <= bound,
+                        "missed_by": max(0.0, r["share_of_training_step"] / bound - 1.0)})
+    return out
+
+
 def plot(result: dict, path: str) -> bool:
     """Bar chart of the step times (log scale) with each bar's ratio to fused AdamW; False without
     matplotlib."""
@@ -287,10 +387,22 @@ def plot(result: dict, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in result["steps"] if r.get("ms")]
+    rows = [{**r, "optimizer": "before: " + r["optimizer"], "before": True}
+            for r in result.get("before", {}).get("steps", []) if r.get("ms")]
+    rows += [r for r in result["steps"] if r.get("ms")]
+    peers = ("adamw_fused", "muon", "dion_muon")
+
+    def colour(r):
+        if r.get("before"):
+            return "lightgray"
+        if r["optimizer"].split("[")[0] in peers:
+            return "tab:orange"
+        if r["optimizer"].endswith("[graph]"):
+            return "tab:green"
+        return "tab:gray" if "[" in r["optimizer"] else "tab:blue"
+
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
-    bars = ax.bar(range(len(rows)), [r["ms"] for r in rows],
-                  color=["tab:gray" if "[" in r["optimizer"] else "tab:blue" for r in rows])
+    bars = ax.bar(range(len(rows)), [r["ms"] for r in rows], color=[colour(r) for r in rows])
     for bar, r in zip(bars, rows):
         ratio = r.get("ratio_to_adamw_fused")
         ax.annotate(f"{r['ms']:.1f} ms" + (f"\n{ratio:.2f}x AdamW" if ratio else ""), (bar.get_x() + bar.get_width() / 2,
@@ -299,8 +411,8 @@ def plot(result: dict, path: str) -> bool:
                   rotation=30, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("optimizer step, ms (median)")
-    ax.set_title(f"{result['preset']} {result['dtype']} params, {result['device']} (grey: non-default settings)",
-                 fontsize=9)
+    ax.set_title(f"{result['preset']} {result['dtype']} params, {result['device']} (blue: ours eager, green: captured "
+                 "in a CUDA graph, orange: peers, light grey: before, grey: other settings)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -359,12 +471,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="350m", choices=sorted(PRESETS))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--optimizers", default="adamw_fused,muon,swan,sinkgd,sgdsai")
+    ap.add_argument("--optimizers", default="adamw_fused,muon,dion_muon,swan,sinkgd,sgdsai")
+    ap.add_argument("--graph", default="dion_muon,swan,sinkgd,sgdsai",
+                    help="optimizers also timed with the whole step captured in a CUDA graph (CUDA only)")
+    ap.add_argument("--baseline-json", default=None, help="another commit's results (same device): the 'before' rows")
+    ap.add_argument("--baseline-label", default=None, help="what the baseline is, e.g. 'main at 5a1a79e'")
+    ap.add_argument("--polar-steps", default="4", help="other Polar Express step counts whose polar error is measured")
     ap.add_argument("--variants", "--swan-variants", default="",
                     help='other settings to time, ";"-separated, each "[optimizer:]key=value,...", e.g. '
                          '"ns_steps=4,pe_lower_bound=0.015;sinkgd:stats_dtype=float32;sgdsai:fused=false" '
                          '(no optimizer: SWAN)')
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--grad-layers", type=int, default=2, help="blocks of the model whose real gradients are whitened")
+    ap.add_argument("--profile", default="", help="optimizers whose eager step is profiled (GPU kernels by total time)")
     ap.add_argument("--no-errors", action="store_true", help="skip the polar-error and device checks")
     ap.add_argument("--train-step", action="store_true",
                     help="also time forward+backward of the full model (micro-batch 8 x 1024, bf16 autocast) and "
@@ -387,26 +506,46 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     matrices, fallback = llama_shapes(args.preset)
     numel = sum(math.prod(s) for s in matrices + fallback)
-    runs = [(name, {}) for name in args.optimizers.split(",")]
-    runs += parse_variants(args.variants)
+    names = [n for n in args.optimizers.split(",") if n]
+    graph = [n for n in args.graph.split(",") if n] if device.type == "cuda" else []
+    runs = [(name, {}, False) for name in names]
+    runs += [(name, {}, True) for name in graph]
+    runs += [(name, kw, False) for name, kw in parse_variants(args.variants)]
     rows = []
-    for name, kw in runs:
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype, "numel": numel, "tf32": False,
+        "steps": rows,
+    }
+    for name, kw, captured in runs:
         if name == "muon" and not hasattr(torch.optim, "Muon"):
             continue
-        label = variant_label(name, kw)
+        if name == "dion_muon" and dion_module() is None:
+            print("dion_muon skipped: no `dion` package on the path", flush=True)
+            continue
+        label = variant_label(name, kw) + ("[graph]" if captured else "")
         m = make_params(matrices, device, dtype, on_device=True)
         f = make_params(fallback, device, dtype, 1, on_device=True)
+        t0 = time.perf_counter()
         try:
             opt = build(name, m, f, **kw)
+            if captured:
+                opt = graphed(name, opt)
             host: list[float] = []
-            ms = time_step(opt, device, iters=args.iters, host=host)
+            # a captured optimizer's first steps are its eager warm-up and the capture
+            ms = time_step(opt, device, warmup=4 if captured else 2, iters=args.iters, host=host)
+            if captured and not (getattr(opt, "captured", False) or getattr(opt, "_graph", None) is not None):
+                raise RuntimeError("the step was not captured")
         except Exception as err:  # noqa: BLE001  (one broken variant must not cost the rest of the run)
             rows.append({"optimizer": label, "ms": None, "error": f"{type(err).__name__}: {err}"})
             print(f"{label:>12} FAILED: {type(err).__name__}: {err}", flush=True)
             del m, f
             continue
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        row = {"optimizer": label, "ms": ms, "host_issue_ms": host[0] if host else None, "peak_gib": peak}
+        row = {"optimizer": label, "ms": ms, "host_issue_ms": host[0] if host else None, "peak_gib": peak,
+               "captured": captured, "wall_s": time.perf_counter() - t0}
+        if row["host_issue_ms"] is not None:
+            row["host_share_of_gpu"] = row["host_issue_ms"] / ms
         if name == "swan":
             row["whitening"] = swan_settings(device, **kw)
             row["whitening_tflop"] = sum(
@@ -418,40 +557,55 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    base = next((r["ms"] for r in rows if r["optimizer"] == "adamw_fused"), None)
-    muon = next((r["ms"] for r in rows if r["optimizer"] == "muon"), None)
-    for r in (r for r in rows if r["ms"] is not None):
-        r["ratio_to_adamw_fused"] = r["ms"] / base if base else None
-        r["ratio_to_muon"] = r["ms"] / muon if muon else None
+        if args.out:  # what is timed survives a later failure
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=2)
+    by = {r["optimizer"]: r["ms"] for r in rows if r.get("ms") is not None}
+    for r in (r for r in rows if r.get("ms") is not None):
+        r["ratio_to_adamw_fused"] = r["ms"] / by["adamw_fused"] if "adamw_fused" in by else None
+        r["ratio_to_muon"] = r["ms"] / by["muon"] if "muon" in by else None
+        r["ratio_to_dion_muon"] = r["ms"] / by["dion_muon"] if "dion_muon" in by else None
     fwd_bwd = None
     if args.train_step:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         fwd_bwd = forward_backward_ms(args.preset, device)
-        timed = [r for r in rows if r["ms"] is not None]
+        timed = [r for r in rows if r.get("ms") is not None]
         for r in timed:  # share of (forward + backward + optimizer step)
             r["share_of_training_step"] = r["ms"] / (fwd_bwd["ms"] + r["ms"])
         print(f"forward+backward {fwd_bwd['ms']:.1f} ms; step share: "
               + ", ".join(f"{r['optimizer']} {100 * r['share_of_training_step']:.1f}%" for r in timed), flush=True)
-    result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "forward_backward": fwd_bwd,
-        "torch": torch.__version__,
-        "preset": args.preset,
-        "dtype": args.dtype,
-        "numel": numel,
-        "tf32": False,
-        "steps": rows,
-    }
+    result["forward_backward"] = fwd_bwd
+    result["targets"] = targets(rows)
+    if args.profile and device.type == "cuda":
+        result["profiles"] = {}
+        for name in filter(None, args.profile.split(",")):
+            try:
+                result["profiles"][name] = profile_step(name, matrices, fallback, device, dtype)
+            except Exception as err:  # noqa: BLE001  (a profiler hiccup must not cost the timings)
+                result["profiles"][name] = f"{type(err).__name__}: {err}"
+    if args.baseline_json:
+        with open(args.baseline_json) as fh:
+            base = json.load(fh)
+        result["before"] = {"source": args.baseline_label or args.baseline_json, "device": base.get("device"),
+                            "steps": base["steps"]}
+        before = {r["optimizer"]: r for r in base["steps"] if r.get("ms")}
+        result["before_after"] = {
+            n: {"before_ms": before[n]["ms"], "after_ms": by[n], "after_over_before": by[n] / before[n]["ms"],
+                "before_host_ms": before[n].get("host_issue_ms"),
+                "after_host_ms": next(r["host_issue_ms"] for r in rows if r["optimizer"] == n)}
+            for n in before if n in by}
     if args.out:  # the timings survive a failure in the checks below
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     if not args.no_errors:
         t0 = time.perf_counter()
         result["swan_default_whitening"] = swan_settings(device)
-        result["swan_polar_error"] = polar_errors(sorted(set(matrices)), device)
-        result["swan_polar_error_llama_grads"] = real_gradient_errors(args.preset, device)
+        steps = [int(k) for k in args.polar_steps.split(",") if k]
+        result["swan_polar_error"] = polar_errors(sorted(set(matrices)), device, steps=steps)
+        result["swan_polar_error_llama_grads"] = real_gradient_errors(args.preset, device, steps=steps,
+                                                                      layers=args.grad_layers)
         result["device_vs_cpu_max_rel_update_error"] = device_check(device)
         print(f"error checks: {time.perf_counter() - t0:.1f} s", flush=True)
     print(json.dumps(result, indent=2))

@@ -38,9 +38,11 @@ internal attribute the layouts read is checked when the engine is built, with an
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,6 +51,7 @@ import torch.distributed as dist
 
 from stateless_opt import memory, registry
 from stateless_opt.config import validate
+from stateless_opt.extras import require
 from stateless_opt.grouping import fallback_weights
 from stateless_opt.layouts import FlatRange, WeightShard, true_shape
 from stateless_opt.memory import StateUnit
@@ -108,14 +111,16 @@ def lookup(name: Any) -> type[StatelessOptimizer] | None:
 
 
 def register() -> None:
-    """Patch ``DeepSpeedEngine`` (three methods, idempotent; ``unregister()`` restores them):
+    """Patch ``DeepSpeedEngine`` (four methods, idempotent; ``unregister()`` restores them):
 
     * ``_is_supported_optimizer``: our names pass DeepSpeed's sanity check, any case;
     * ``_configure_basic_optimizer``: builds ours from the JSON ``params`` (validated, fields named);
     * ``_configure_optimizer``: refuses configurations our layouts do not cover, gives each rule its own
       param group before ZeRO flattens each group into one buffer (``split_groups_by_rule``: matrix and
       fallback weights keep different state), and puts the layout first in our optimizer's ``layouts``
-      once DeepSpeed has built its ZeRO wrapper (all doors).
+      once DeepSpeed has built its ZeRO wrapper (all doors);
+    * ``save_checkpoint``: with one of ours under ZeRO, also writes which weight each rank's saved
+      partition holds (``stateless_opt_layout.json``), what ``ds_to_universal`` (ours) converts from.
     """
     from deepspeed.runtime.engine import DeepSpeedEngine as E
 
@@ -126,10 +131,12 @@ def register() -> None:
         "_is_supported_optimizer": E._is_supported_optimizer,
         "_configure_basic_optimizer": E._configure_basic_optimizer,
         "_configure_optimizer": E._configure_optimizer,
+        "save_checkpoint": E.save_checkpoint,
     }
     orig_supported = originals["_is_supported_optimizer"]
     orig_basic = originals["_configure_basic_optimizer"]
     orig_configure = originals["_configure_optimizer"]
+    orig_save = originals["save_checkpoint"]
 
     def _is_supported_optimizer(self, optimizer_name):
         return lookup(optimizer_name) is not None or orig_supported(self, optimizer_name)
@@ -162,7 +169,17 @@ def register() -> None:
         if isinstance(getattr(self, "basic_optimizer", None), StatelessOptimizer):
             attach(self)
 
+    def save_checkpoint(self, save_dir, tag=None, *args, **kwargs):
+        out = orig_save(self, save_dir, tag, *args, **kwargs)
+        if layout_of(self) is not None:  # ZeRO with one of ours: where each rank's partition sits, by name
+            from .ds_to_universal import write_layout_index
+
+            write_layout_index(self, save_dir, f"global_step{self.global_steps}" if tag is None else str(tag))
+        return out
+
     _is_supported_optimizer.__wrapped__ = orig_supported
+    save_checkpoint.__wrapped__ = orig_save
+    E.save_checkpoint = save_checkpoint
     _configure_basic_optimizer.__wrapped__ = orig_basic
     _configure_optimizer.__wrapped__ = orig_configure
     E._is_supported_optimizer = _is_supported_optimizer
@@ -318,11 +335,14 @@ def check_engine(engine, cls: type, *, client: bool) -> None:
                 "in the DeepSpeed config (DeepSpeed otherwise insists on DeepSpeedCPUAdam; "
                 f"{name} runs on the offloaded CPU partition as it is)"
             )
-    if stage in (1, 2) and getattr(zcfg, "elastic_checkpoint", False) and cls.host_state:
+    if getattr(zcfg, "elastic_checkpoint", False):
         raise ValueError(
-            f"{PREFIX}zero_optimization.elastic_checkpoint trims every state tensor as if it were flat-shaped, "
-            f"which would corrupt {name}'s per-weight state ({', '.join(sorted(cls.host_state))}); set "
-            "elastic_checkpoint to false"
+            f"{PREFIX}zero_optimization.elastic_checkpoint is not supported with {name}: DeepSpeed re-partitions "
+            "the optimizer state with the state keys of param group 0 and as if every state tensor were "
+            f"flat-shaped, which silently drops or misplaces {name}'s state (the fallback's moments next to "
+            "stateless matrix weights, SGD-SaI's per-weight scales). Set elastic_checkpoint to false; to resume "
+            "at another world size or stage use the portable checkpoint (stateless_opt.checkpoint.save_portable / "
+            "load_portable), or `python -m stateless_opt.integrations.ds_to_universal` with \"load_universal\": true"
         )
 
 
@@ -498,13 +518,39 @@ class DeepSpeedLayout:
             )
         return out
 
-    # -- introspection (tests, debugging)
+    # -- what checkpoints ask (stateless_opt.checkpoint)
     def params_of(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """The model parameters whose pieces ``tensor`` holds, in the order of ``shards()``."""
         return [w.param for w in self.unit(tensor).weights]
 
     def units(self) -> list[_Unit]:
         return list(self._units.values())
+
+    def stepped_tensors(self) -> list[tuple[int, int, torch.Tensor]]:
+        """(param group, position, flat tensor) of every partition the optimizer steps (ZeRO-3 empties
+        ``param_groups`` between steps); rebuilt in case DeepSpeed replaced its flat tensors."""
+        self._build()
+        return [(u.group_index, k, u.tensor) for k, u in enumerate(self._units.values())]
+
+    def saved_paths(self, k: int) -> tuple[list, list]:
+        """Where DeepSpeed's ``save_checkpoint`` puts unit ``k``'s fp32 master and its base-optimizer
+        state inside this rank's ``*optim_states.pt`` (keys from the root of the saved dict)."""
+        root = ["optimizer_state_dict"]
+        if self.kind == "zero3":
+            # the base optimizer's state_dict numbers the sub-groups group by group (_set_fp32_optimizer_param_groups)
+            gids = self.wrapper.sub_group_to_group_id
+            order = sorted(range(len(gids)), key=lambda s: (gids[s], s))
+            return root + ["fp32_flat_groups", k], root + ["optimizer_state_dict", "state", order.index(k)]
+        return root + ["single_partition_of_fp32_groups", k], root + ["base_optimizer_state", "state", k]
+
+    def weights_loaded(self) -> None:
+        """The fp32 masters were written (a portable checkpoint): refresh the model's weights from them."""
+        zo = self.wrapper
+        if self.kind == "zero3":
+            for s in range(len(zo.fp32_partitioned_groups_flat)):
+                zo._reassign_or_swap_out_partitioned_parameters(s)
+        else:
+            zo.update_lp_params()
 
 
 def _numel(shape) -> int:
@@ -566,6 +612,11 @@ def attach(engine) -> DeepSpeedLayout | None:
         )
     layout = DeepSpeedLayout(wrapper, kind)
     opt.add_layout(layout)
+    # "load_universal": true reads the universal checkpoint our ds_to_universal writes (a portable
+    # checkpoint), not DeepSpeed's per-parameter Adam files
+    from .ds_to_universal import load_universal
+
+    wrapper._load_universal_checkpoint = functools.partial(load_universal, weakref.ref(engine))
     if kind == "zero1/2":
         _screen_all_groups_first(wrapper, opt)
     return layout
@@ -680,6 +731,8 @@ def memory_view(model, optimizer) -> ZeroMemory | None:
         return None
     return ZeroMemory(model, optimizer, kind)
 
+
+require("deepspeed", "stateless_opt.integrations.deepspeed")  # before register() imports DeepSpeed
 register()
 memory.register_engine(memory_view)
 

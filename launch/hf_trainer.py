@@ -1,11 +1,13 @@
 r"""SWAN / SinkGD / SGD-SaI in the Hugging Face ``Trainer``: the three doors, on a tiny random-init LLaMA.
 
-    python launch/hf_trainer.py                                  # all three doors in turn (~2 min, 2 CPU cores)
-    python launch/hf_trainer.py --door optimizers                # (a) Trainer(optimizers=(SWAN(...), None))
-    python launch/hf_trainer.py --door deepspeed                 # (b) TrainingArguments(deepspeed=<ZeRO-2 JSON>)
-    python launch/hf_trainer.py --door factory --optimizer sinkgd   # (c) optimizer_cls_and_kwargs=...
-    torchrun --standalone --nproc-per-node 2 launch/hf_trainer.py --door factory     # DDP (gloo on CPU)
-    torchrun --nproc-per-node 8 launch/hf_trainer.py --door factory --fsdp           # FSDP2: GPUs only
+    python -m stateless_opt.launch.hf_trainer                    # all three doors in turn (~1 min on 2 CPU cores)
+    python -m stateless_opt.launch.hf_trainer --door optimizers  # (a) Trainer(optimizers=(SWAN(...), None))
+    python -m stateless_opt.launch.hf_trainer --door deepspeed   # (b) TrainingArguments(deepspeed=<ZeRO-2 JSON>)
+    python -m stateless_opt.launch.hf_trainer --door factory --optimizer sinkgd   # (c) optimizer_cls_and_kwargs=...
+    torchrun --standalone --nproc-per-node 2 -m stateless_opt.launch.hf_trainer --door factory     # DDP (gloo on CPU)
+    torchrun --nproc-per-node 8 -m stateless_opt.launch.hf_trainer --door factory --fsdp           # FSDP2: GPUs only
+
+(``python launch/hf_trainer.py`` in a checkout is the same program.)
 
 The doors, and why there are three (details in ``stateless_opt/integrations/hf.py``):
 
@@ -14,18 +16,21 @@ The doors, and why there are three (details in ``stateless_opt/integrations/hf.p
     silently replaces it.
 (b) ``deepspeed=``: DeepSpeed builds our optimizer from the JSON ``"type": "SWAN"``. That needs
     ``import stateless_opt.integrations.deepspeed`` in every process, which ``deepspeed_config()`` does.
-    ``learning_rate`` fills the JSON's ``"lr": "auto"``. On a CPU without a launcher, this script sets
-    the one-process environment DeepSpeed needs: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, and
-    DS_ACCELERATOR=cpu. It also skips DeepSpeed's shared-memory op build, which gloo does not need.
+    ``learning_rate`` fills the JSON's ``"lr": "auto"``. Without a launcher, this script sets the
+    one-process environment a launcher would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
+    on a CPU it also skips DeepSpeed's shared-memory op build, which gloo does not need.
 (c) ``optimizer_cls_and_kwargs=stateless_optimizer(...)``: a factory that receives the model. This is the
     door for FSDP2, and it works with every other backend too. accelerate enables FSDP only on GPUs. On a
     CPU, ``fsdp=`` silently runs without FSDP, so ``--fsdp`` refuses to run there, and on the CPU this door
     runs without FSDP.
 
 Every door adds the ``RequireStatelessOptimizer`` callback. It stops the run at its first step if the
-Trainer would step anything but ours.
+Trainer would step anything but ours. At the end the script destroys the process group the Trainer
+started (neither the Trainer nor accelerate does): a gloo group still alive when Python exits can abort
+the process after the run ("terminate called without an active exception": gloo's worker thread frees a
+finished collective's tensors after the interpreter began finalising).
 
-Data: windows of the launch corpus (its BPE vocabulary, 4096) if ``python -m launch.data prepare`` has
+Data: windows of the launch corpus (its BPE vocabulary, 4096) if ``stateless-opt-data prepare`` has
 run. Otherwise the data is synthetic: sequences x[t+1] = (5 x[t] + 3) mod 256 from random starts, which
 the model learns within a few dozen steps.
 """
@@ -33,19 +38,20 @@ the model learns within a few dozen steps.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python launch/hf_trainer.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "launch"
 
-import torch
+import torch  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .config import CONFIG_DIR  # noqa: E402
+from .env import deepspeed_on_cpu, one_process_env, under_launcher  # noqa: E402
+
 DOORS = ("optimizers", "deepspeed", "factory")
 # Matrix-rule LRs for this model (fallback: x20). They are the quickstart sweep's values, and SGD-SaI's is elementwise.
 LR = {"swan": 2e-3, "sinkgd": 2e-3, "sgdsai": 5e-3}
@@ -98,7 +104,7 @@ def dataset(kind: str = "auto", count: int = 512, seq_len: int = 64, seed: int =
     """(dataset, vocab size). ``kind``: ``"kjv"`` (the prepared launch corpus), ``"synthetic"``, or ``"auto"``,
     which uses the corpus if its cache exists and is synthetic otherwise. The corpus is used only if that is cheap."""
     if kind in ("auto", "kjv"):
-        from launch import data as D
+        from . import data as D
 
         prepared = D.data_dir("kjv", 4096, 0.05, None) / "meta.json"
         if kind == "kjv" or prepared.exists():
@@ -149,7 +155,7 @@ def door_deepspeed(model, train_set, out_dir, *, optimizer="swan", lr=None, step
     from stateless_opt.integrations.hf import RequireStatelessOptimizer, deepspeed_config
 
     lr = LR[optimizer] if lr is None else lr
-    ds = deepspeed_config(config or REPO_ROOT / "configs" / f"ds_zero2_{optimizer}.json")  # also registers "SWAN"
+    ds = deepspeed_config(config or CONFIG_DIR / f"ds_zero2_{optimizer}.json")  # also registers "SWAN"
     args = training_args(out_dir, steps=steps, lr=lr, batch_size=batch_size,
                          overrides={"deepspeed": ds, **(args_overrides or {})})
     return Trainer(model=model, args=args, train_dataset=train_set,
@@ -178,28 +184,14 @@ DOOR_FNS = {"optimizers": door_optimizers, "deepspeed": door_deepspeed, "factory
 
 
 # --------------------------------------------------------------------------- environment
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_deepspeed_env() -> None:
-    """The environment DeepSpeed needs when this process was started without a launcher.
-
-    Without a launcher, DeepSpeed has no RANK, WORLD_SIZE or MASTER_* to read, so this sets a
-    one-rank process group on a free port. On a CPU it sets the CPU accelerator and skips the
-    shared-memory all-reduce op, a C++ build of about a minute that gloo does not need. Values a
-    launcher already set are kept.
-    """
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    """What DeepSpeed needs when this process was started without a launcher: a one-rank process group
+    on a free port (launch/env.py), and on a CPU no shared-memory op build. Values a launcher already
+    set are kept."""
+    if not under_launcher():
+        one_process_env()
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        deepspeed_on_cpu()
 
 
 def rank() -> int:
@@ -246,7 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--data", choices=("auto", "kjv", "synthetic"), default="auto")
     ap.add_argument("--fsdp", action="store_true", help="door factory: FSDP2 through accelerate (GPUs only)")
-    ap.add_argument("--output-dir", default=str(REPO_ROOT / "runs" / "hf_trainer"))
+    ap.add_argument("--output-dir", default="runs/hf_trainer", help="the Trainer's output_dir (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.fsdp and not torch.cuda.is_available():
         ap.error("--fsdp needs GPUs: accelerate enables FSDP only on GPU-like devices and would silently run "
@@ -259,7 +251,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return [_run_in_subprocess(d, argv if argv is not None else sys.argv[1:]) for d in DOORS]
     if args.door == "deepspeed":
         cpu_deepspeed_env()  # before the first TrainingArguments, which starts the process group
-    return [run_door(args.door, args)]
+    try:
+        return [run_door(args.door, args)]
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the process group the Trainer started (accelerate never does), so gloo's worker threads
+    are joined while Python is alive (see the module docstring)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run_in_subprocess(door: str, argv: list[str]) -> dict:
@@ -268,7 +272,8 @@ def _run_in_subprocess(door: str, argv: list[str]) -> dict:
     silently replaced by AdamW."""
     import subprocess
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--door", door]
+    target = ["-m", __spec__.name] if __spec__ is not None else [str(Path(__file__).resolve())]
+    cmd = [sys.executable, *target, *argv, "--door", door]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     sys.stdout.write(out)
     line = [ln for ln in out.splitlines() if ln.startswith(f"[{door}] ")][-1]

@@ -1,37 +1,23 @@
 """LLaMA-style causal LMs from a transformers ``LlamaConfig``, randomly initialised.
 
-Presets follow the shapes used by GaLore and the SWAN/SinkGD papers on C4 (hidden, MLP width,
-blocks, heads); the vocabulary is our corpus's BPE, so parameter counts are smaller than the papers'
-(they use a 32k T5 vocabulary). ``tiny`` is a CPU model (~1.9M parameters at vocab 4096).
+The shapes are ``config.PRESETS`` (GaLore and the SWAN/SinkGD papers on C4); the vocabulary is our
+corpus's BPE, so parameter counts are smaller than the papers' (they use a 32k T5 vocabulary). ``tiny``
+is a CPU model (~1.9M parameters at vocab 4096).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .config import ModelSection
-
-# hidden_size, intermediate_size, num_layers, num_heads
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_layers": 4, "num_heads": 4},
-    "60m": {"hidden_size": 512, "intermediate_size": 1376, "num_layers": 8, "num_heads": 8},
-    "130m": {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 12, "num_heads": 12},
-    "350m": {"hidden_size": 1024, "intermediate_size": 2736, "num_layers": 24, "num_heads": 16},
-    "1.3b": {"hidden_size": 2048, "intermediate_size": 5461, "num_layers": 24, "num_heads": 32},
-}
+from .config import PRESETS, ModelSection  # noqa: F401  (PRESETS: the one table, re-exported for benchmarks)
 
 
-def llama_config(cfg: "ModelSection", vocab_size: int):
+def llama_config(cfg: ModelSection, vocab_size: int):
     from transformers import LlamaConfig
 
-    shape = dict(PRESETS[cfg.preset])
-    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
-        if getattr(cfg, key) is not None:
-            shape[key] = getattr(cfg, key)
+    shape = cfg.shape()
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=shape["hidden_size"],
@@ -50,7 +36,7 @@ def llama_config(cfg: "ModelSection", vocab_size: int):
     )
 
 
-def build_model(cfg: "ModelSection", vocab_size: int, device: torch.device | str = "cpu", seed: int = 0):
+def build_model(cfg: ModelSection, vocab_size: int, device: torch.device | str = "cpu", seed: int = 0):
     """A fresh ``LlamaForCausalLM``; the same ``seed`` gives the same weights on every rank (FSDP2
     shards what each rank built, so ranks must agree)."""
     from transformers import LlamaForCausalLM

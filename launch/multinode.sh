@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Multi-node (or single-node, multi-process) launch of launch/train.py.
 #
-# Run the SAME command on every node, from the repository root, with the same arguments; every node
+# Run the SAME command on every node, from the repository root, with the same arguments (a relaunch
+# after a failure resumes from the newest complete checkpoint); every node
 # needs the repo, the installed environment, and the prepared corpus cache (the local rank 0 of each
-# node prepares it on first use: `python -m launch.data prepare` beforehand avoids the race), and
+# node prepares it on first use: `stateless-opt-data prepare` beforehand avoids the race), and
 # checkpoint.dir must be on a filesystem all nodes share.
 #
 #   # 2 nodes x 8 GPUs, FSDP2, static rendezvous (node ranks given explicitly):
@@ -29,6 +30,9 @@
 #   MASTER_ADDR [127.0.0.1], MASTER_PORT [29500]   node 0's address/port (static rendezvous)
 #   RDZV_ENDPOINT [MASTER_ADDR:MASTER_PORT], RDZV_ID [stateless_opt]   c10d rendezvous
 #   NPROC_PER_NODE        processes per node [visible GPUs, else 2 CPU processes]
+#   MAX_RESTARTS [0]      torchrun restarts the workers up to this many times after a failure; each
+#                         restart resumes from the newest complete checkpoint (--resume auto). Uses
+#                         the c10d rendezvous (node ranks assigned by it) with a fresh store per restart
 #   LAUNCHER [torchrun]   torchrun | deepspeed
 #   HOSTFILE              DeepSpeed launcher hostfile (LAUNCHER=deepspeed)
 #   NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME   set these to the inter-node interface if needed
@@ -51,8 +55,17 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 case "$LAUNCHER" in
   torchrun)
-    cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE")
-    if [[ -n "${NODE_RANK:-}" ]]; then
+    cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE"
+         --max-restarts "${MAX_RESTARTS:-0}")
+    if [[ "${MAX_RESTARTS:-0}" != "0" ]]; then
+      # Restarts need the c10d rendezvous (the static one never restarts the other nodes' workers) with
+      # a fresh store per restart: torchrun otherwise reuses one and a restarted process group can read
+      # the previous attempt's addresses (pytorch#135712). Node ranks then come from the rendezvous.
+      export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+      [[ -n "${NODE_RANK:-}" ]] && echo "multinode.sh: MAX_RESTARTS=$MAX_RESTARTS: c10d rendezvous, NODE_RANK ignored" >&2
+      cmd+=(--rdzv-backend c10d --rdzv-endpoint "${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}"
+            --rdzv-id "${RDZV_ID:-stateless_opt}")
+    elif [[ -n "${NODE_RANK:-}" ]]; then
       cmd+=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
     else
       cmd+=(--rdzv-backend c10d --rdzv-endpoint "${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}"

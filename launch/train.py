@@ -1,30 +1,44 @@
 r"""Train a LLaMA-style causal LM with SWAN, SinkGD, SGD-SaI or AdamW, on one process, DDP, FSDP2 or
 DeepSpeed: one entry point, driven by a config (launch/config.py).
 
-    python launch/train.py --config configs/quickstart.yaml          # CPU: ~80 s on 2 cores, val loss ~3.75
-    python -m launch.train -c configs/quickstart.yaml --optimizer adamw --training.steps=100
-    torchrun --standalone --nproc-per-node 2 -m launch.train -c configs/quickstart.yaml --backend ddp
-    torchrun --standalone --nproc-per-node 2 -m launch.train -c configs/quickstart.yaml --backend fsdp2
-    torchrun --standalone --nproc-per-node 2 -m launch.train -c configs/quickstart.yaml --backend deepspeed \
-        --backend.deepspeed_config configs/ds_zero2_swan.json       # "auto" values filled from our config
-    python -m launch.train -c configs/quickstart.yaml --resume        # continue from the newest checkpoint
-    bash launch/multinode.sh ...                                        # several nodes (see the script)
+    stateless-opt-train -c configs/quickstart.yaml                      # CPU: ~2 min on 2 cores, val loss 3.74
+    stateless-opt-train -c configs/quickstart.yaml --optimizer sinkgd   # -> runs/quickstart-sinkgd
+    stateless-opt-train -c configs/quickstart.yaml --training.steps=20  # warm-up: 10% of the steps
+    torchrun --standalone --nproc-per-node 2 -m stateless_opt.launch.train -c configs/quickstart.yaml --backend ddp
+    torchrun --standalone --nproc-per-node 2 -m stateless_opt.launch.train -c configs/quickstart.yaml --backend fsdp2
+    torchrun --standalone --nproc-per-node 2 -m stateless_opt.launch.train -c configs/quickstart.yaml --backend deepspeed
+    stateless-opt-compare runs/quickstart-swan runs/quickstart-sinkgd    # curves in one picture + a table
+    bash launch/multinode.sh ...                                         # several nodes (see the script)
 
-Order (torchtitan's): parse config -> process group -> data -> model -> apply_ddp / apply_fsdp2 /
-apply_deepspeed -> optimizer built *after* wrapping (``stateless_opt.param_groups`` on the wrapped
-model: FSDP2 DTensors, DDP's process group for SWAN's split whitening) -> LR schedule -> [resume] ->
-loop. Rank 0 writes ``<run dir>/config.yaml`` (the resolved config), ``metrics.jsonl``,
-``summary.json`` and ``loss.png``; checkpoints go to ``<run dir>/checkpoints`` (launch/checkpoint.py).
+(``python -m launch.train`` in a checkout is the same program.) DeepSpeed reads
+``configs/ds_zero2_<optimizer>.json`` unless ``--backend.deepspeed_config`` names another JSON; its
+``"auto"`` values are filled from this config. Without torchrun, ``--backend ddp|fsdp2|deepspeed`` runs
+one rank.
+
+Each run has its folder, ``runs/<run.name>-<optimizer>[-<backend>]`` (or ``run.dir``): ``config.yaml``
+(the resolved config), ``metrics.jsonl`` (appended by every attempt, never truncated), ``summary.json``,
+``loss.png``, ``memory_report.json`` and ``checkpoints/``. A relaunch of the same command resumes from the
+newest complete checkpoint (``--resume auto``, the default; also under ``torchrun --max-restarts N``,
+and at another backend, world size or ZeRO stage through the portable format: ``checkpoint.format``),
+or says the run is complete; a folder or checkpoint of another run (other optimizer, model, data or
+schedule) is refused, never mixed. Ctrl-C stops with "interrupted at step N" and how to resume.
+
+Order (torchtitan's): parse config -> process group -> what to resume -> data -> model -> apply_ddp /
+apply_fsdp2 / apply_deepspeed -> optimizer built *after* wrapping (``stateless_opt.param_groups`` on the
+wrapped model: FSDP2 DTensors, DDP's process group for SWAN's split whitening) -> LR schedule ->
+[resume] -> loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import json
 import math
 import os
-import resource
+import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -33,19 +47,28 @@ from typing import Any
 
 if __package__ in (None, ""):  # `python launch/train.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "launch"
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-import yaml
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+from torch.distributed.tensor.parallel import ParallelStyle  # noqa: E402
 
-import stateless_opt
-from stateless_opt import registry
-from stateless_opt.optimizer import StatelessOptimizer
-from launch import checkpoint as ckpt
-from launch import data as data_mod
-from launch.config import REPO_ROOT, ConfigError, TrainConfig, describe, dump, load_config, parse_cli
-from launch.model import build_model, count_params
+import stateless_opt  # noqa: E402
+from stateless_opt import registry  # noqa: E402
+from stateless_opt.optimizer import StatelessOptimizer  # noqa: E402
+
+from . import checkpoint as ckpt  # noqa: E402
+from . import data as data_mod  # noqa: E402
+from . import runs  # noqa: E402
+from .compare import Run, plot  # noqa: E402
+from .config import (  # noqa: E402
+    ConfigError, TrainConfig, UserError, describe, dump, load_config, parse_cli, run_differences,
+)
+from .env import deepspeed_on_cpu, one_process_env, under_launcher  # noqa: E402
+from .model import build_model, count_params  # noqa: E402
 
 # --------------------------------------------------------------------------- process group
 @dataclass
@@ -58,14 +81,18 @@ class Env:
 
 
 def init_distributed(cfg: TrainConfig) -> Env:
-    """Read torchrun's environment; start the process group for ddp/fsdp2/deepspeed."""
+    """Read the launcher's environment; start the process group for ddp/fsdp2/deepspeed (one rank,
+    with what a launcher would set, when there is no launcher)."""
+    backend = cfg.backend.name
+    if backend != "single" and not under_launcher():
+        one_process_env()
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    backend = cfg.backend.name
     if backend == "single" and world > 1:
         raise ConfigError(f"backend.name=single under a launcher with WORLD_SIZE={world}: use --backend ddp or fsdp2")
+    cfg.check_world(world)
     want_cuda = cfg.training.device == "cuda" or (cfg.training.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError("training.device=cuda but no CUDA device is visible")
@@ -78,44 +105,62 @@ def init_distributed(cfg: TrainConfig) -> Env:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if backend != "single":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a plain `python -m launch.train` = 1 rank
-        os.environ.setdefault("MASTER_PORT", "29511")
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
         pg = cfg.backend.dist_backend
         pg = ("nccl" if want_cuda else "gloo") if pg == "auto" else pg
         timeout = datetime.timedelta(minutes=cfg.backend.timeout_min)
         if backend == "deepspeed":
+            _require_deepspeed()
             if not want_cuda:
-                os.environ.setdefault("DS_ACCELERATOR", "cpu")
-                # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (a C++ build of
-                # ~1 min) when the process group starts; gloo does the same job, so skip the build.
-                import importlib
-
-                importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+                deepspeed_on_cpu()
             import deepspeed
-
-            deepspeed.init_distributed(dist_backend=pg, timeout=timeout)
-        else:
-            dist.init_process_group(pg, timeout=timeout, device_id=device if want_cuda else None)
+        store = _attempt_store(world, timeout)
+        kwargs = {"store": store, "rank": rank, "world_size": world} if store is not None else {}
+        dist.init_process_group(pg, timeout=timeout, device_id=device if want_cuda else None, **kwargs)
+        if backend == "deepspeed":
+            deepspeed.init_distributed(dist_backend=pg, timeout=timeout)  # adopts the group started above
     return Env(rank, world, local_rank, local_world, device)
 
 
-def close_distributed() -> None:
-    # The barrier keeps one rank from tearing down gloo while its peer still has a collective in
-    # flight (seen as "terminate called without an active exception" / SIGABRT at exit).
+def _attempt_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun with one agent, the agent's store with a prefix per restart; else None (torch's
+    ``env://``). torchrun keeps one TCPStore for all restarts of its workers (its c10d rendezvous shares
+    it since torch 2.5, the static one always did), so a restarted gloo/NCCL group could read the
+    previous attempt's addresses and fail to connect (pytorch#135712); every worker of one agent has
+    the same TORCHELASTIC_RESTART_COUNT, so it names a fresh key space. Several agents (nodes) count
+    restarts separately: there, torchrun needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/multinode.sh
+    sets it when MAX_RESTARTS > 0)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and _is_main_process():
+            print("[run] note: torchrun --max-restarts over several nodes reuses one store across restarts "
+                  "(pytorch#135712): set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (launch/multinode.sh "
+                  "does)", file=sys.stderr, flush=True)
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"stateless_opt/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def close_distributed(clean: bool) -> None:
+    """Destroy the process group. After a completed run, a barrier first, so no rank tears gloo down
+    while a peer still has a collective in flight; after an error or interrupt, no barrier (a peer may
+    be gone)."""
     if dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- parallelisms
 def apply_ddp(model: torch.nn.Module, device: torch.device, group=None):
-    """Replicate; gradients all-reduced (averaged) by DDP. Buffers (RoPE tables) are constants."""
+    """Replicate; gradients all-reduced (averaged) by DDP. Buffers (RoPE tables) are constants, the same
+    on every rank: no sync in forward (torch 2.13 renamed the flag; 2.11 has only the old name)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group,
-               broadcast_buffers=False)
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group, **no_sync)
 
 
 def apply_fsdp2(model: torch.nn.Module, mesh, reshard_after_forward: bool = True):
@@ -129,16 +174,68 @@ def apply_fsdp2(model: torch.nn.Module, mesh, reshard_after_forward: bool = True
     return model
 
 
+def apply_tp(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
+    """Tensor parallelism over ``tp_mesh`` (Megatron's split, as torchtitan's ``apply_tp``): q/k/v and
+    gate/up colwise (``Shard(0)``: each rank computes its heads and its slice of the MLP), o_proj and
+    down_proj rowwise (``Shard(1)``: partial sums all-reduced), the embedding vocabulary-parallel and the
+    LM head colwise (``Shard(0)`` over the vocabulary, logits gathered). Activations between blocks stay
+    whole on every TP rank (no sequence parallelism: transformers' LLaMA derives positions and the causal
+    mask from the sequence length it sees), so the RMSNorm weights become ``Replicate`` DTensors: one
+    weight with copies on the TP ranks for the optimizer, the memory report and the checkpoints. The
+    MLP keeps DTensor outputs, so an intermediate size TP does not divide splits unevenly (1.3b: 5461)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    colwise, rowwise = ColwiseParallel(), RowwiseParallel()
+    plan: dict[str, Any] = {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "model.norm": ReplicatedWeights(),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    }
+    for i in range(len(model.model.layers)):
+        block = f"model.layers.{i}"
+        plan |= {f"{block}.input_layernorm": ReplicatedWeights(),
+                 f"{block}.post_attention_layernorm": ReplicatedWeights(),
+                 **{f"{block}.self_attn.{w}": colwise for w in ("q_proj", "k_proj", "v_proj")},
+                 f"{block}.self_attn.o_proj": rowwise,
+                 **{f"{block}.mlp.{w}": ColwiseParallel(use_local_output=False) for w in ("gate_proj", "up_proj")},
+                 f"{block}.mlp.down_proj": rowwise}
+    return parallelize_module(model, tp_mesh, plan)
+
+
+class ReplicatedWeights(ParallelStyle):
+    """A TP style for a module that runs whole on every TP rank (the RMSNorms): its weights become
+    ``Replicate`` DTensors on the TP mesh, its input and output stay plain tensors."""
+
+    def _apply(self, module: torch.nn.Module, device_mesh) -> torch.nn.Module:
+        from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+        def to_dtensor(mod, inputs, mesh):
+            return tuple(DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+                         if torch.is_tensor(x) and not isinstance(x, DTensor) else x for x in inputs)
+
+        def to_local(mod, output, mesh):
+            return output.to_local() if isinstance(output, DTensor) else output
+
+        return distribute_module(module, device_mesh, None, to_dtensor, to_local)  # None: replicate the weights
+
+
+def _require_deepspeed() -> None:
+    try:
+        import stateless_opt.integrations.deepspeed  # noqa: F401  (registers SWAN/SinkGD/SGDSaI JSON types)
+    except ImportError as err:
+        raise UserError(f"backend.name=deepspeed: {err}") from None
+
+
 def deepspeed_json(cfg: TrainConfig, world: int) -> dict:
     """The DeepSpeed JSON with every ``"auto"`` filled from our config (batch sizes, clipping, bf16, the
     optimizer's hyper-parameters); a concrete value that contradicts our config is an error, so one
     config file decides each number."""
-    path = Path(cfg.backend.deepspeed_config)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    if not path.exists():
-        raise ConfigError(f"backend.deepspeed_config: file not found: {cfg.backend.deepspeed_config}")
-    raw = json.loads(path.read_text())
+    path = cfg.deepspeed_config_path()
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"backend.deepspeed_config: {path} is not valid JSON: {err}") from None
     t = cfg.training
     ours: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
@@ -197,21 +294,16 @@ def deepspeed_json(cfg: TrainConfig, world: int) -> dict:
 
 
 def apply_deepspeed(model: torch.nn.Module, cfg: TrainConfig, env: "Env", build_optimizer_fn, scheduler_fn):
-    """``deepspeed.initialize`` with the JSON of ``backend.deepspeed_config``. Its ``"optimizer"`` block
+    """``deepspeed.initialize`` with the JSON of ``cfg.deepspeed_config_path()``. Its ``"optimizer"`` block
     (our types are registered by ``stateless_opt.integrations.deepspeed``) builds the optimizer on our
     param groups; without one, the optimizer comes from our config (``optimizer=``)."""
-    try:
-        import stateless_opt.integrations.deepspeed  # noqa: F401  (registers SWAN/SinkGD/SGDSaI JSON types)
-    except ImportError as err:
-        raise RuntimeError(
-            "backend.name=deepspeed needs `stateless_opt.integrations.deepspeed` (the ZeRO layouts and the JSON "
-            f"registration), which could not be imported: {err}. Install the package (`pip install -e .` maps "
-            "integrations/ to stateless_opt.integrations) or use --backend ddp / fsdp2."
-        ) from err
+    _require_deepspeed()
     import deepspeed
 
     ds = deepspeed_json(cfg, env.world)
     groups = stateless_opt.param_groups(model, fallback_weight_decay=cfg.optimizer.fallback_weight_decay)
+    if cfg.optimizer.name == "adamw":  # DeepSpeed's own AdamW (JSON "optimizer" block) keeps group LRs too
+        groups = adamw_groups(groups, cfg.optimizer.adamw.lr * cfg.optimizer.adamw.fallback_lr_ratio)
     kwargs: dict[str, Any] = {"model": model, "config": ds, "lr_scheduler": scheduler_fn}
     if "optimizer" in ds:
         kwargs["model_parameters"] = groups
@@ -233,15 +325,22 @@ def build_optimizer(cfg: TrainConfig, model_or_groups) -> torch.optim.Optimizer:
     )
     hp = o.selected().model_dump()
     if o.name == "adamw":
+        groups = adamw_groups(groups, hp["lr"] * hp["fallback_lr_ratio"])
         return torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
     lr = hp.pop("lr")
     return registry.lookup(o.name).cls(groups, lr=lr, **hp)
 
 
+def adamw_groups(groups: list[dict], fallback_lr: float) -> list[dict]:
+    """AdamW's groups with the fallback group (``param_groups``' rule "fallback") at its own LR; the
+    schedule scales every group's LR by the same factor, so the ratio holds throughout."""
+    return [{**g, "lr": fallback_lr} if g.get("rule") == "fallback" else g for g in groups]
+
+
 def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up to the peak over ``warmup_steps`` then cosine to ``min_lr_ratio * peak``."""
+    """Linear warm-up to the peak over ``training.warmup`` steps then cosine to ``min_lr_ratio * peak``."""
     t = cfg.training
-    warm, total, floor = t.warmup_steps, t.steps, t.min_lr_ratio
+    warm, total, floor = t.warmup, t.steps, t.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warm:
@@ -256,6 +355,15 @@ def make_scheduler(cfg: TrainConfig, optimizer) -> torch.optim.lr_scheduler.Lamb
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
+def reposition(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a fresh schedule at ``step`` (resuming with ``checkpoint.allow_changes``: the LRs follow this
+    config, not the checkpoint's)."""
+    scheduler.last_epoch = step
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
 # --------------------------------------------------------------------------- reporting
 def base_optimizer(optimizer):
     """Our (or torch's) optimizer inside DeepSpeed's ZeRO / bf16 wrappers."""
@@ -268,92 +376,19 @@ def base_optimizer(optimizer):
     return optimizer
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if ckpt._is_dtensor(t) else t
-
-
-def memory_numbers(model: torch.nn.Module, optimizer, env: Env) -> dict[str, int]:
-    """This rank's bytes: parameters and gradients held here (local shards under FSDP2), optimizer
-    state tensors, peak / current RSS and (CUDA) peak allocated."""
-    import psutil
-
-    seen, pbytes, gbytes = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        loc = _local(p)
-        pbytes += loc.numel() * loc.element_size()
-        if p.requires_grad:
-            gbytes += loc.numel() * loc.element_size()
-    base = base_optimizer(optimizer)
-    sbytes = 0
-    for st in base.state.values():
-        for v in st.values():
-            if torch.is_tensor(v):
-                loc = _local(v)
-                sbytes += loc.numel() * loc.element_size()
-    out = {
-        "rank": env.rank,
-        "param_bytes": pbytes,
-        "grad_bytes": gbytes,
-        "optimizer_state_bytes": sbytes,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_bytes": psutil.Process().memory_info().rss,
-    }
-    if env.device.type == "cuda":
-        out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(env.device)
-    return out
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:10.2f}"
-
-
-def format_memory(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k != "rank"]
-    head = "rank " + " ".join(f"{k.replace('_bytes', '') + ' MiB':>18}" for k in keys)
-    lines = [head] + [f"{r['rank']:>4} " + " ".join(f"{_mib(r[k]):>18}" for k in keys) for r in rows]
-    return "\n".join(lines)
-
-
-def plot_losses(metrics_path: Path, out_path: Path, title: str, meta: dict | None = None) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed, so no loss.png (pip install 'stateless-opt[plot]' or matplotlib)"
-    train, val = [], []
-    for line in metrics_path.read_text().splitlines():
-        rec = json.loads(line)
-        if "train_loss" in rec:
-            train.append((rec["step"], rec["train_loss"]))
-        if "val_loss" in rec:
-            val.append((rec["step"], rec["val_loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if train:
-        xs, ys = zip(*train)
-        ax.plot(xs, ys, lw=0.8, alpha=0.5, label="train (per step)")
-        k = max(1, len(ys) // 30)
-        if k > 1:
-            smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
-            ax.plot(xs, smooth, lw=1.6, label=f"train (running mean of {k})")
-    if val:
-        xs, ys = zip(*val)
-        ax.plot(xs, ys, "o-", lw=1.6, label="validation")
-    if meta:
-        ax.axhline(meta["unigram_entropy_train"], color="gray", ls="--", lw=1, label="unigram entropy")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return f"loss curve: {out_path}"
+def memory_note(summary: dict, params: dict, optimizer: str) -> str:
+    """Why the saving against AdamW is what it is on this run (printed under the memory table)."""
+    mib = 1024
+    line = (f"[memory] {optimizer} saves {summary['saving_pct']:.1f}% of this peak ({summary['max_peak_gib'] * mib:.0f} "
+            f"MiB): its state is {summary['state_gib_all_ranks'] * mib:.1f} MiB against AdamW's "
+            f"{summary['adamw_state_gib_all_ranks'] * mib:.1f} MiB (all ranks)")
+    if optimizer in ("swan", "sinkgd"):
+        share = params["embedding_and_head"] / params["total"]
+        line += (f"; the embedding and LM head, {share:.0%} of this model's parameters, keep the AdamW fallback "
+                 "(fallback=\"stateless\" drops that state too)")
+    if summary["device"] == "cpu":
+        line += "; on the CPU the peak is the process's RSS, mostly the Python/torch runtime and activations"
+    return line + ". Large models on GPUs save far more (README: Memory report, Measured)."
 
 
 # --------------------------------------------------------------------------- trainer
@@ -362,9 +397,17 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.run_dir = cfg.run_dir
         self.is_main = env.rank == 0
+        self.step = 0  # steps completed
+        self.saved_step: int | None = None  # the newest complete checkpoint of this run
+        self.memory: dict | None = None
         self.log(f"[run] {self.run_dir}  backend={cfg.backend.name} world={env.world} device={env.device} "
                  f"threads={torch.get_num_threads()}")
+        resume_from, notes = self._agree(lambda: runs.plan(cfg, env.world) if self.is_main else None)
+        for note in notes:
+            self.log(f"[run] {note}")
         self.data = self._data()
+        random.seed(cfg.training.seed)  # every RNG from the seed (torch's: build_model), so checkpoints
+        np.random.seed(cfg.training.seed)  # of two runs with the same seed are equal, RNG states included
         model = build_model(cfg.model, self.data.vocab_size, env.device, seed=cfg.training.seed)
         self.params = count_params(model)
         self.log(f"[model] LLaMA {cfg.model.preset}: {self.params['total'] / 1e6:.2f}M parameters "
@@ -377,10 +420,7 @@ class Trainer:
             self.model = apply_ddp(model, env.device)
             self.optimizer = build_optimizer(cfg, self.model)  # the DDP model: SWAN splits whitening over ranks
         elif backend == "fsdp2":
-            from torch.distributed.device_mesh import init_device_mesh
-
-            mesh = init_device_mesh(env.device.type, (env.world,), mesh_dim_names=("dp",))
-            self.model = apply_fsdp2(model, mesh, cfg.backend.reshard_after_forward)
+            self.model = self._parallelize(model)
             self.optimizer = build_optimizer(cfg, self.model)
         elif backend == "deepspeed":
             self.engine, self.optimizer, self.scheduler = apply_deepspeed(
@@ -394,19 +434,45 @@ class Trainer:
         if self.scheduler is None:
             self.scheduler = make_scheduler(cfg, self.optimizer)
         self._log_optimizer()
-        self.start_step = 0
-        if cfg.checkpoint.resume:
-            path = ckpt.resolve(cfg.checkpoint.resume, cfg.checkpoint_dir)
-            self.start_step = ckpt.load(
-                path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, backend=backend,
-                rank=env.rank, world=env.world, engine=self.engine,
-            )
-            self.log(f"[resume] from {path} at step {self.start_step}")
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.parts = ckpt.Parts(self.model, self.optimizer, self.scheduler, backend, env.rank, env.world, self.engine,
+                                tp=cfg.backend.tp)
+        self.start_step, self.time_offset = 0, 0.0
+        if resume_from is not None:
+            self._resume(Path(resume_from))
+        self.metrics_path = self.run_dir / runs.METRICS
         if self.is_main:
-            self._start_files()
+            runs.start(self.run_dir, cfg, {"step": self.start_step, "world_size": env.world,
+                                           "resumed_from": str(resume_from) if resume_from else None,
+                                           "time": datetime.datetime.now().isoformat(timespec="seconds")})
 
     # ------------------------------------------------------------------ setup helpers
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: the ranks of one TP group (``tp`` consecutive ranks, the
+        mesh's inner dim) read the same batch."""
+        return self.env.rank // self.cfg.backend.tp
+
+    @property
+    def dp_world(self) -> int:
+        return self.env.world // self.cfg.backend.tp
+
+    def _parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2 over all ranks, or with ``backend.tp`` > 1 a ("dp", "tp") mesh: TP inside each group of
+        tp consecutive ranks, FSDP2 across the groups (none when there is one group), as torchtitan."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        env, tp = self.env, self.cfg.backend.tp
+        if tp == 1:
+            mesh = init_device_mesh(env.device.type, (env.world,), mesh_dim_names=("dp",))
+            return apply_fsdp2(model, mesh, self.cfg.backend.reshard_after_forward)
+        mesh = init_device_mesh(env.device.type, (self.dp_world, tp), mesh_dim_names=("dp", "tp"))
+        apply_tp(model, mesh["tp"])
+        self.log(f"[parallel] mesh dp {self.dp_world} x tp {tp}: tensor parallel inside each group of {tp} ranks"
+                 + (", FSDP2 across them" if self.dp_world > 1 else " (one group: no FSDP2)"))
+        if self.dp_world > 1:
+            apply_fsdp2(model, mesh["dp"], self.cfg.backend.reshard_after_forward)
+        return model
+
     def log(self, msg: str) -> None:
         if self.is_main:
             from tqdm import tqdm
@@ -417,6 +483,59 @@ class Trainer:
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def _agree(self, fn):
+        """Run ``fn`` on rank 0 and hand its result, or its ``UserError``, to every rank (rank 0's view of
+        the run folder decides; other nodes may see a shared filesystem late)."""
+        result: list[Any] = [None]
+        if self.is_main:
+            try:
+                result[0] = ("ok", fn())
+            except UserError as err:
+                result[0] = ("error", str(err))
+        if dist.is_initialized() and self.env.world > 1:
+            dist.broadcast_object_list(result, src=0)
+        kind, value = result[0]
+        if kind == "error":
+            raise UserError(value)
+        return value
+
+    def _all_ok(self, fn) -> None:
+        """Run ``fn`` on every rank; if it fails on any, every rank raises (none is left in a collective)."""
+        err = None
+        try:
+            fn()
+        except UserError as e:
+            err = f"rank {self.env.rank}: {e}"
+        errors = [err]
+        if dist.is_initialized() and self.env.world > 1:
+            errors = [None] * self.env.world
+            dist.all_gather_object(errors, err)
+        first = next((e for e in errors if e), None)
+        if first:
+            raise UserError(first if err is None else err)
+
+    def _resume(self, path: Path) -> None:
+        cfg, parts = self.cfg, self.parts
+        staged: list[ckpt.Staged] = []
+        # every rank reads (weights_only) before any applies: a missing or refused file stops all ranks
+        self._all_ok(lambda: staged.append(ckpt.read(path, parts)))
+        meta = staged[0].meta
+        same_optimizer = meta.get("optimizer") == cfg.optimizer.name
+        exact = not run_differences(meta.get("config", {}), dump(cfg),
+                                    worlds=(meta["world_size"] // meta.get("tp", 1), self.dp_world))
+        # this config's hyper-parameters (not the optimizer's counters, which the checkpoint carries on)
+        hyper = set(cfg.optimizer.selected().model_dump()) | {"lr", "initial_lr", "weight_decay"}
+        fresh = [{k: v for k, v in g.items() if k in hyper} for g in self.optimizer.param_groups]
+        self.start_step = ckpt.load(staged[0], parts, optimizer_state=same_optimizer, scheduler_state=exact)
+        if not exact:  # allow_changes: this config's hyper-parameters and schedule, at the checkpoint's step
+            for group, mine in zip(self.optimizer.param_groups, fresh):
+                group.update(mine)
+            reposition(self.scheduler, self.start_step)
+        self.step = self.saved_step = self.start_step
+        self.time_offset = float(meta.get("train_time_s", 0.0))
+        self.log(f"[resume] from {path} at step {self.start_step} ({staged[0].format} format"
+                 + (")" if same_optimizer else f", weights only: it was written by {meta.get('optimizer')})"))
 
     def _data(self) -> data_mod.PreparedData:
         d = self.cfg.data
@@ -436,30 +555,22 @@ class Trainer:
         hp = o.selected()
         base = base_optimizer(self.optimizer)
         counts = base.rule_counts() if hasattr(base, "rule_counts") else None
-        extra = f", fallback lr {hp.lr * hp.fallback_lr_ratio:g} ({hp.fallback})" if hasattr(hp, "fallback_lr_ratio") else ""
+        extra = (f", fallback lr {hp.lr * hp.fallback_lr_ratio:g} ({getattr(hp, 'fallback', o.name)})"
+                 if hasattr(hp, "fallback_lr_ratio") else "")
         self.log(f"[optimizer] {o.name}: lr {hp.lr:g}{extra}, weight decay {hp.weight_decay:g}"
                  + (f"; tensors per rule {counts}" if counts else ""))
         t = self.cfg.training
-        self.log(f"[schedule] {t.steps} steps, warm-up {t.warmup_steps}, cosine to {t.min_lr_ratio:g} x peak; "
+        self.log(f"[schedule] {t.steps} steps, warm-up {t.warmup}, cosine to {t.min_lr_ratio:g} x peak; "
                  f"global batch {self.global_batch} x {self.cfg.data.seq_len} tokens")
 
     @property
     def global_batch(self) -> int:
         t = self.cfg.training
-        return t.batch_size * t.grad_accum * self.env.world
-
-    def _start_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(dump(self.cfg), sort_keys=False))
-        keep = []
-        if self.start_step and self.metrics_path.exists():  # drop what the resumed part will redo
-            keep = [ln for ln in self.metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= self.start_step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        return t.batch_size * t.grad_accum * self.dp_world
 
     def _record(self, rec: dict) -> None:
         if self.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            runs.append(self.metrics_path, rec)
 
     # ------------------------------------------------------------------ loss / eval
     def _autocast(self):
@@ -484,12 +595,13 @@ class Trainer:
         t, env = self.cfg.training, self.env
         # eval_batches per rank, so every rank runs the same number of forwards (FSDP2/ZeRO-3 need that)
         # and the windows are the same set whatever the world size (batch_size x world is global).
-        batches = t.eval_batches * env.world
+        # (TP: the ranks of a TP group evaluate the same windows, each counted once per TP rank below)
+        batches = t.eval_batches * self.dp_world
         total = torch.zeros(2, dtype=torch.float64, device=env.device)
         self.model.eval()
         for x, y in data_mod.val_batches(
             self.data.val, num_batches=batches, batch_size=t.eval_batch_size or t.batch_size,
-            seq_len=self.cfg.data.seq_len, rank=env.rank, world=env.world,
+            seq_len=self.cfg.data.seq_len, rank=self.dp_rank, world=self.dp_world,
         ):
             loss = self._loss(x.to(env.device), y.to(env.device), reduction="sum")
             total[0] += loss.double()
@@ -500,12 +612,14 @@ class Trainer:
         return float(total[0] / total[1])
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, step: int) -> float:
+    def train_step(self, step: int, measure: bool = False) -> float:
+        """One optimizer step. ``measure``: take the memory report while the gradients exist (after the
+        step, before ``zero_grad``; DeepSpeed frees them inside its step, so there: before it)."""
         t, env, cfg = self.cfg.training, self.env, self.cfg
         losses = []
         for micro in range(t.grad_accum):
             x, y = data_mod.train_batch(
-                self.data.train, step * t.grad_accum + micro, rank=env.rank, world=env.world,
+                self.data.train, step * t.grad_accum + micro, rank=self.dp_rank, world=self.dp_world,
                 batch_size=t.batch_size, seq_len=cfg.data.seq_len, seed=t.seed, max_tokens=cfg.data.max_train_tokens,
             )
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -513,6 +627,8 @@ class Trainer:
             if self.engine is not None:
                 loss = self._loss(x, y)
                 self.engine.backward(loss)
+                if measure and last:
+                    self.memory = self._memory_report()
                 self.engine.step()
             else:
                 sync = self.model.no_sync() if (cfg.backend.name == "ddp" and not last) else contextlib.nullcontext()
@@ -525,8 +641,19 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
+            if measure:
+                self.memory = self._memory_report()
             self.optimizer.zero_grad(set_to_none=True)
         return float(self._mean_over_ranks(torch.stack(losses).mean()))
+
+    def _memory_report(self) -> dict:
+        cfg = self.cfg
+        return stateless_opt.memory_report(
+            self.model, self.optimizer,
+            # auto: DeepSpeed's stage, and tp / fsdp2_tp under tensor parallelism
+            backend="auto" if cfg.backend.name == "deepspeed" or cfg.backend.tp > 1 else cfg.backend.name,
+            print_table=False, json_path=str(self.run_dir / "memory_report.json") if self.is_main else None,
+        )
 
     # ------------------------------------------------------------------ loop
     def _progress(self):
@@ -538,17 +665,15 @@ class Trainer:
                    desc=f"{self.cfg.optimizer.name}/{self.cfg.backend.name}", unit="step", mininterval=0.5)
         return bar, on
 
-    def _save(self, step: int) -> None:
-        meta = {"optimizer": self.cfg.optimizer.name, "config": dump(self.cfg)}
-        path = ckpt.save(
-            self.cfg.checkpoint_dir, step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            backend=self.cfg.backend.name, rank=self.env.rank, world=self.env.world, meta_extra=meta,
-            keep=self.cfg.checkpoint.keep, engine=self.engine,
-        )
+    def _save(self, step: int, train_time: float) -> None:
+        meta = {"optimizer": self.cfg.optimizer.name, "train_time_s": round(train_time, 3), "config": dump(self.cfg)}
+        path = ckpt.save(self.cfg.checkpoint_dir, step, self.parts, meta, keep=self.cfg.checkpoint.keep,
+                         formats=self.cfg.checkpoint_formats)
+        self.saved_step = step
         self.log(f"[checkpoint] step {step}: {path}")
 
     def train(self) -> dict:
-        cfg, t, env = self.cfg, self.cfg.training, self.env
+        cfg, t = self.cfg, self.cfg.training
         tokens_per_step = self.global_batch * cfg.data.seq_len
         bar, bar_on = self._progress()
         t_start = time.perf_counter()
@@ -557,16 +682,21 @@ class Trainer:
             last_val = self.evaluate()
             self._record({"step": 0, "val_loss": last_val})
             self.log(f"[eval] step 0: val loss {last_val:.4f}")
+        elif self.start_step == t.steps:
+            self.log(f"[run] complete: the newest checkpoint is the last step ({t.steps}); nothing left to train "
+                     "(--training.steps=N for more, or --run.overwrite=true to start over)")
         for step in range(self.start_step, t.steps):
             t0 = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
-            loss = self.train_step(step)
+            loss = self.train_step(step, measure=step == t.steps - 1)
             dt = time.perf_counter() - t0
             rate = tokens_per_step / dt if rate is None else 0.9 * rate + 0.1 * tokens_per_step / dt
             losses.append(loss)
-            done = step + 1
+            done = self.step = step + 1
+            train_time = self.time_offset + time.perf_counter() - t_start
             self._record({"step": done, "train_loss": loss, "lr": lr, "tokens": done * tokens_per_step,
-                          "step_time_s": round(dt, 5), "tokens_per_s": round(tokens_per_step / dt, 1)})
+                          "step_time_s": round(dt, 5), "tokens_per_s": round(tokens_per_step / dt, 1),
+                          "time_s": round(train_time, 3)})
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {done}")
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
@@ -579,7 +709,7 @@ class Trainer:
                 self._record({"step": done, "val_loss": last_val})
                 self.log(f"[eval] step {done}: val loss {last_val:.4f}")
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (cfg.checkpoint.final and done == t.steps):
-                self._save(done)
+                self._save(done, self.time_offset + time.perf_counter() - t_start)
         bar.close()
         if last_val is None:  # resumed at (or past) the last step: still report where the model stands
             last_val = self.evaluate()
@@ -590,10 +720,14 @@ class Trainer:
         cfg, env = self.cfg, self.env
         done_steps = len(losses)
         meta = self.data.meta
+        if self.memory is None:  # nothing was trained in this attempt: no gradients to measure
+            self.memory = self._memory_report()
+        mem = self.memory
         summary = {
             "backend": cfg.backend.name,
             "optimizer": cfg.optimizer.name,
             "world_size": env.world,
+            "tp": cfg.backend.tp,
             "device": str(env.device),
             "steps": cfg.training.steps,
             "steps_this_run": done_steps,
@@ -605,15 +739,16 @@ class Trainer:
             "unigram_entropy": meta["unigram_entropy_train"],
             "unigram_val_loss": meta["unigram_val_loss"],
             "wall_time_s": round(wall, 2),
+            "train_time_s": round(self.time_offset + wall, 2),
             "tokens_per_s": round(done_steps * tokens_per_step / wall, 1) if wall > 0 else None,
             "train_losses": losses,
+            # per rank, from the memory report (its names; the report itself is memory_report.json)
+            "memory": [{"rank": r["rank"], "param_bytes": r["params"], "grad_bytes": r["grads"],
+                        "optimizer_state_bytes": r["state"], "peak_rss_bytes": r["peak_rss"], "rss_bytes": r["rss"],
+                        **({"cuda_peak_allocated_bytes": r["peak_allocated"]} if r["device"] != "cpu" else {})}
+                       for r in mem["ranks"]],
+            "memory_report": mem["summary"],
         }
-        rows = [memory_numbers(self.model, self.optimizer, env)]
-        if dist.is_initialized() and env.world > 1:
-            gathered: list[Any] = [None] * env.world
-            dist.all_gather_object(gathered, rows[0])
-            rows = gathered
-        summary["memory"] = rows
         if self.is_main:
             beat = val is not None and val < meta["unigram_entropy_train"]
             train_txt = (f"train loss {summary['final_train_loss_mean10']:.4f} (mean of last {min(10, done_steps)})"
@@ -623,31 +758,18 @@ class Trainer:
                 f"val loss {val:.4f}; unigram entropy {meta['unigram_entropy_train']:.4f} -> "
                 f"{'below' if beat else 'NOT below'} the unigram baseline"
             )
-        report = getattr(stateless_opt, "memory_report", None)
-        if self.is_main and report is None:
-            self.log("[memory] per rank (params/grads/optimizer state are this rank's local tensors)\n"
-                     + format_memory(rows))
-        if report is not None:  # the library's accounting (AdamW comparison), when it is exported
-            try:
-                full = report(
-                    self.model, self.optimizer,
-                    backend="auto" if cfg.backend.name == "deepspeed" else cfg.backend.name,
-                    print_table=self.is_main, json_path=str(self.run_dir / "memory_report.json") if self.is_main else None,
-                )
-                summary["memory_report"] = full.get("summary", full) if isinstance(full, dict) else full
-            except Exception as err:  # a later issue's API: never fail the run over the report
-                summary["memory_report_error"] = repr(err)
-                self.log(f"[memory] stateless_opt.memory_report failed ({err!r}); plain numbers per rank:\n"
-                         + format_memory(rows))
-        if self.is_main:
+            self.log(stateless_opt.memory.format_table(mem["ranks"]))
+            self.log(memory_note(mem["summary"], self.params, cfg.optimizer.name))
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
             if cfg.run.plot:
-                self.log(f"[plot] {plot_losses(self.metrics_path, self.run_dir / 'loss.png', self._title(), meta)}")
+                run = Run(self.run_dir, runs.read_metrics(self.metrics_path), summary)
+                self.log(f"[plot] loss curve: {plot([run], self.run_dir / 'loss.png', self._title())}")
         return summary
 
     def _title(self) -> str:
         c = self.cfg
-        return f"LLaMA {c.model.preset} on {c.data.corpus}: {c.optimizer.name}, {c.backend.name} x{self.env.world}"
+        return f"LLaMA {c.model.preset} on {c.data.corpus}: {c.optimizer.name}, {c.backend.name} x{self.env.world}" + (
+            f" (tp {c.backend.tp})" if c.backend.tp > 1 else "")
 
 
 # --------------------------------------------------------------------------- entry
@@ -662,39 +784,83 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig | None, dict]
     return load_config(path, dict(overrides) if overrides else None), flags
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun stopping its workers, a scheduler's pre-emption)."""
+
+
+_signalled: list[int] = []  # the signals this process received
+
+
+def _on_signal(signum, frame):
+    _signalled.append(signum)
+    raise Interrupted()
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> dict | None:
+    """Parse, train, report; returns the summary (None for --help / --print-config). A user mistake ends
+    with one ``error:`` line and exit code 2, an interrupt with where it stopped and exit code 130 (also
+    when the signal reaches this rank inside a collective its peers already left: whatever error that
+    raises is the interrupt's)."""
+    trainer = None
+    handlers = {}
+    if _in_main_thread():
+        handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _signalled.clear()
+    clean = False
     try:
         cfg, flags = parse_args(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if cfg is None:
-        return None
-    if flags["print_config"]:
-        print(yaml.safe_dump(dump(cfg), sort_keys=False))
-        return None
-    env = init_distributed(cfg)
-    try:
+        if cfg is None:
+            return None
+        if flags["print_config"]:
+            print(yaml.safe_dump(dump(cfg), sort_keys=False))
+            return None
+        env = init_distributed(cfg)
         trainer = Trainer(cfg, env)
-        return trainer.train()
+        summary = trainer.train()
+        clean = True
+        return summary
+    except UserError as err:
+        if _is_main_process():
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except BaseException:
+        if not _signalled:
+            raise
+        if _is_main_process():
+            print(_interrupt_message(trainer), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
-        close_distributed()
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+        close_distributed(clean)
 
 
-def _exit_fast_after_distributed_run() -> None:
-    """Leave without C++ static destructors once a multi-process run has finished and flushed.
+def _in_main_thread() -> bool:
+    import threading
 
-    With gloo, a rank sometimes aborts at interpreter exit ("terminate called without an active
-    exception", SIGABRT) after the run completed and the process group was destroyed: a c10d worker
-    thread outlives its group because DeviceMesh/DeepSpeed still reference it. The work is done and
-    written by then, so we skip the destructors instead of turning a finished run into a failure.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupt_message(trainer: Trainer | None) -> str:
+    if trainer is None:
+        return "interrupted before training started"
+    cfg = trainer.cfg
+    msg = f"interrupted at step {trainer.step} of {cfg.training.steps}; "
+    if trainer.saved_step:
+        return msg + f"rerun the same command to resume from the checkpoint at step {trainer.saved_step}"
+    if cfg.checkpoint.every:
+        return msg + f"no checkpoint yet (every {cfg.checkpoint.every} steps): a rerun starts over"
+    return msg + "no checkpoints (checkpoint.every=0): a rerun starts over"
+
+
+def cli() -> None:
+    """Console script ``stateless-opt-train``."""
+    main()
 
 
 if __name__ == "__main__":
-    main()
-    _exit_fast_after_distributed_run()
+    cli()

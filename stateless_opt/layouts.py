@@ -17,9 +17,10 @@ columns, ``agree_groups`` hold copies (HSDP's replicate dims) and only vote on s
 *Layouts* turn what sits in ``param_group["params"]`` into ``WeightShard``s. An optimizer consults its
 ordered list ``optimizer.layouts`` at every ``step()`` (never cached: accelerate and ZeRO-3 swap the
 tensors in ``param_groups``); the first layout that recognises a tensor answers. The defaults are
-``DTensorLayout`` (FSDP2/HSDP), ``ReplicatedLayout`` (DDP: the group's ``replicate_group``) and
-``LocalLayout``; an engine that hands the optimizer tensors of its own (DeepSpeed's ZeRO partitions,
-``stateless_opt.integrations.deepspeed``) puts its layout first with ``optimizer.add_layout``.
+``DTensorLayout`` (FSDP2/HSDP, tensor parallelism, FSDP2 x TP), ``ReplicatedLayout`` (DDP: the
+group's ``replicate_group``) and ``LocalLayout``; an engine that hands the optimizer tensors of its
+own (DeepSpeed's ZeRO partitions, ``stateless_opt.integrations.deepspeed``) puts its layout first with
+``optimizer.add_layout``.
 """
 
 from __future__ import annotations
@@ -201,6 +202,12 @@ class WeightShard:
         """Weights with equal signatures share one batched executor call (the same collectives)."""
         return (self.group, self.world, self.replicated, self.row_groups, self.col_groups)
 
+    @property
+    def holders(self) -> tuple:
+        """The part of the signature whole-matrix work depends on (owner compute gathers over ``group``
+        only): a tensor-parallel block's column- and row-split weights share one owner assignment."""
+        return (self.group, self.world, self.replicated)
+
 
 @dataclass
 class MatrixFragment:
@@ -273,15 +280,16 @@ def split_matrices(
     return out
 
 
-def batch_runs(frags: Sequence[MatrixFragment]) -> list[list[MatrixFragment]]:
+def batch_runs(frags: Sequence[MatrixFragment], by: str = "signature") -> list[list[MatrixFragment]]:
     """The fragments in one global order every rank agrees on, split into runs that share a signature
-    (the same collectives): runs in order of first appearance, and inside each, same shapes together
-    (batching), then by position. Usually one run: a param group has one layout."""
+    (the same collectives; ``by="holders"``: only the holders' group, for owner compute): runs in order
+    of first appearance, and inside each, same shapes together (batching), then by position. Usually
+    one run: a param group has one layout (tensor parallelism: one per row/column split)."""
     ordered = sorted(frags, key=lambda f: (f.m, f.n, f.key))
     runs: list[list[MatrixFragment]] = []
     for f in ordered:
-        sig = f.weight.signature
-        run = next((r for r in runs if _same(r[0].weight.signature, sig)), None)
+        sig = getattr(f.weight, by)
+        run = next((r for r in runs if _same(getattr(r[0].weight, by), sig)), None)
         if run is None:
             runs.append([f])
         else:
@@ -402,60 +410,207 @@ class ReplicatedLayout:
         ]
 
 
-@dataclass
-class DTensorLayout:
-    """FSDP2 / HSDP: a DTensor sharded along dim 0 over one mesh dim (``torch.chunk`` rows, so
-    trailing ranks may hold fewer or zero rows), replicated over the others (HSDP).
+class MeshPlacement(NamedTuple):
+    """Where a DTensor of one shape, mesh and placements lives, as the optimizer needs it: every holder's
+    extent (indexed by rank in ``group``), this rank's, and the process groups by what travels there."""
 
-    Row statistics are local (rows are whole); column statistics reduce over the shard dim only: the
-    replicate dims already hold identical gradients (they vote on skipping steps).
+    extents: list
+    rank: int
+    local_shape: tuple[int, ...]
+    group: object  # the holders: every mesh dim that splits the tensor (flattened when several do)
+    row_groups: tuple  # the mesh dims that split a row (tensor dims >= 1), as one group
+    col_groups: tuple  # the mesh dims that split a column (tensor dim 0), as one group
+    agree_groups: tuple  # Replicate mesh dims: copies that only vote on skipping
+
+
+def strided_shard_type():
+    """torch's ``_StridedShard`` placement class (FSDP2 over tensor parallelism), or None."""
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover - torch without _StridedShard
+        return None
+    return _StridedShard
+
+
+def _chunk(lo: int, hi: int, parts: int, index: int) -> tuple[int, int]:
+    """Piece ``index`` of [lo, hi) cut ``torch.chunk``-style into ``parts`` (ceil-sized, trailing
+    pieces may be empty): DTensor's ``Shard`` and FSDP2's row cut alike."""
+    size = hi - lo
+    step = -(-size // parts) if size else 0
+    return lo + min(index * step, size), lo + min((index + 1) * step, size)
+
+
+def shard_order(placements: Sequence, mesh_shape: Sequence[int], ndim: int, where: str = "") -> dict[int, list[int]]:
+    """Tensor dim -> the mesh dims that cut it, in the order the cuts were made.
+
+    ``Shard(d)`` cuts apply left to right over the mesh dims. ``_StridedShard(d, split_factor=k)`` is
+    what FSDP2 writes on its data-parallel dim when tensor parallelism already cut dim ``d`` into ``k``
+    pieces on mesh dims to its right (torchtitan's FSDP2 over ``ColwiseParallel``): FSDP2 cut each TP
+    piece again, so that cut is applied after those (torch 2.11 and 2.13 both write it so). Anything
+    else (a strided cut whose factor is not those dims' product, two strided cuts of one dim, a cut of
+    a dim past the matrix's columns) is refused rather than guessed."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    strided = strided_shard_type()
+    order: dict[int, list[int]] = {}
+    pending: dict[int, tuple[int, int]] = {}  # tensor dim -> (mesh dim, split factor) of its strided cut
+    for i, p in enumerate(placements):
+        if strided is not None and isinstance(p, strided):
+            if p.dim in pending:
+                raise ValueError(f"{where}unsupported placements {tuple(placements)}: two strided cuts of dim {p.dim}")
+            pending[p.dim] = (i, int(p.split_factor))
+        elif isinstance(p, Shard):
+            if mesh_shape[i] > 1:
+                order.setdefault(p.dim, []).append(i)
+        elif not isinstance(p, Replicate):
+            raise ValueError(
+                f"{where}unsupported DTensor placement {p} on mesh dim {i} (placements {tuple(placements)}): "
+                "stateless_opt steps Shard, FSDP2's _StridedShard and Replicate parameters"
+            )
+    for d, (i, factor) in pending.items():
+        after = [j for j in order.get(d, []) if j > i]
+        if factor != math.prod(mesh_shape[j] for j in after):
+            raise ValueError(
+                f"{where}unsupported placements {tuple(placements)}: _StridedShard(dim={d}, split_factor={factor}) "
+                f"on mesh dim {i} is not FSDP2 over tensor parallelism (the mesh dims after it cut dim {d} into "
+                f"{math.prod(mesh_shape[j] for j in after)} pieces)"
+            )
+        if mesh_shape[i] > 1:
+            order.setdefault(d, []).append(i)  # FSDP2 cut the TP pieces: after them
+    for d in order:
+        if d < 0 or d >= max(ndim, 1):
+            raise ValueError(f"{where}placements {tuple(placements)} cut dim {d} of a {ndim}-D tensor")
+    if ndim >= 3 and any(d >= 2 for d in order):
+        raise ValueError(
+            f"{where}placements {tuple(placements)} cut dim {max(order)} of a {ndim}-D weight: its pieces are not "
+            "rectangles of the (shape[0], rest) matrix the rules see; only dims 0 and 1 may be sharded"
+        )
+    return order
+
+
+class DTensorLayout:
+    """Any DTensor: FSDP2 / HSDP (``Shard(0)`` rows over the shard dim), tensor parallelism
+    (``ColwiseParallel``: ``Shard(0)``, rows; ``RowwiseParallel``: ``Shard(1)``, columns) and both on a
+    2-D mesh (FSDP2's ``Shard(0)`` or ``_StridedShard(0)`` on "dp" over TP's cut on "tp"), uneven and
+    empty pieces included (``torch.chunk`` cuts).
+
+    Each rank's piece is a rectangle of the weight's (shape[0], rest) matrix: a ``FlatRange`` of whole
+    rows where no mesh dim cuts columns, else a ``Box``. The groups follow the mesh dims: the holders
+    are the mesh dims that cut the tensor (one group, flattened when several do: whole matrices are
+    gathered and scalar statistics summed over it, owners balanced over all its ranks); row statistics
+    add up over the dims that cut columns, column statistics over the dims that cut rows; Replicate
+    dims (HSDP's replicate dim, TP's replicated norms) hold copies and only vote on skipping.
+
+    A gradient whose placements differ from its parameter's (tensor parallelism without FSDP2: a
+    vocabulary-parallel embedding's gradient comes back ``Replicate``, a sequence-parallel norm's
+    ``Partial``) is redistributed to the parameter's placements first, as ``torch.optim`` does
+    implicitly when it mixes the two (a local slice, or the reduction the backend left undone) and
+    written back to ``.grad``, so every rule reads the same local piece.
     """
+
+    def __init__(self):
+        self._plans: dict = {}  # (mesh, placements, shape) -> MeshPlacement: the layout is static
+        self._flat: dict = {}  # (mesh, mesh dims) -> process group over those dims
 
     def shards(self, tensor, group, key):
         if not is_dtensor(tensor):
             return None
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
-        mesh, placements = tensor.device_mesh, tensor.placements
-        shard_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
-        for i, p in enumerate(placements):
-            if not isinstance(p, (Shard, Replicate)):
-                raise ValueError(f"unsupported DTensor placement {p} (mesh dim {i}); expected Shard(0) or Replicate()")
-        if len(shard_dims) > 1 or any(placements[i].dim != 0 for i in shard_dims):
-            raise ValueError(
-                f"unsupported DTensor placements {placements}: stateless_opt supports FSDP2/HSDP "
-                "sharding along dim 0 over a single mesh dim"
-            )
-        shape = tuple(tensor.shape)
+        mesh, placements, shape = tensor.device_mesh, tuple(tensor.placements), tuple(tensor.shape)
+        plan = self._plans.get((mesh, placements, shape))
+        if plan is None:
+            plan = self._plans[(mesh, placements, shape)] = self._plan(mesh, placements, shape)
+        grad = _grad_like_param(tensor)
         local = tensor.to_local()
-        grad = tensor.grad.to_local() if isinstance(tensor.grad, DTensor) else tensor.grad
-        if not shard_dims:  # fully replicated DTensor: every rank holds it whole; keep it local
-            n = local.numel()
-            return [WeightShard(key, shape, [FlatRange(0, n)], 0, _flat(grad), _flat(local))]
-        mdim = shard_dims[0]
-        pg = mesh.get_group(mdim)
-        world, rank = mesh.size(mdim), mesh.get_local_rank(mdim)
-        row = math.prod(shape[1:])
-        # torch.chunk semantics (FSDP2's Shard(0)): ceil-sized chunks, trailing ranks may get 0 rows.
-        chunk = -(-shape[0] // world) if shape else 0
-        extents = []
-        for r in range(world):
-            r0, r1 = min(r * chunk, shape[0]), min((r + 1) * chunk, shape[0])
-            extents.append(FlatRange(r0 * row, r1 * row))
-        s, e = extents[rank]
-        if local.numel() < e - s:
+        if tuple(local.shape) != plan.local_shape or tuple(grad.shape) != plan.local_shape:
             raise ValueError(
-                f"DTensor local shard has {local.numel()} elements, expected {e - s} from torch.chunk "
-                f"of shape {shape} over {world} ranks: unsupported sharding"
+                f"DTensor of shape {shape} with placements {placements}: local shard {tuple(local.shape)} "
+                f"(gradient {tuple(grad.shape)}), expected {plan.local_shape} from torch.chunk cuts; unsupported sharding"
             )
-        replicas = tuple(
-            mesh.get_group(i) for i, p in enumerate(placements) if isinstance(p, Replicate) and mesh.size(i) > 1
-        )
-        # FSDP2 may pad the local storage; only the leading e - s elements are real.
         return [
-            WeightShard(key, shape, extents, rank, _flat(grad)[: e - s], _flat(local)[: e - s], group=pg,
-                        row_groups=(pg,), col_groups=(pg,), agree_groups=replicas)
+            WeightShard(key, shape, plan.extents, plan.rank, _flat(grad), _flat(local), group=plan.group,
+                        row_groups=plan.row_groups, col_groups=plan.col_groups, agree_groups=plan.agree_groups)
         ]
+
+    def _plan(self, mesh, placements, shape) -> MeshPlacement:
+        where = f"DTensor of shape {shape}: "
+        mesh_shape = tuple(mesh.shape)
+        order = shard_order(placements, mesh_shape, len(shape), where)
+        coord = mesh.get_coordinate()
+        cutting = sorted({i for dims in order.values() for i in dims})
+        replicas = tuple(mesh.get_group(i) for i in range(mesh.ndim) if i not in cutting and mesh_shape[i] > 1)
+        if not cutting:  # every rank holds it whole: keep it local, copies vote on skipping
+            n = math.prod(shape)
+            return MeshPlacement([FlatRange(0, n)], 0, shape, None, (), (), replicas)
+        pg = self._group(mesh, cutting, where)
+        ranks = mesh.mesh
+        extents = []
+        for g in dist.get_process_group_ranks(pg):
+            c = [int(x) for x in (ranks == g).nonzero()[0].tolist()]
+            extents.append(self._extent(shape, order, mesh_shape, c))
+        (r0, r1), (c0, c1) = self._ranges(shape, order, mesh_shape, coord)
+        local_shape = (r1 - r0,) if len(shape) == 1 else (r1 - r0, c1 - c0, *shape[2:])
+        row_dims = sorted({i for d, dims in order.items() if d >= 1 for i in dims})
+        col_dims = order.get(0, [])
+        if len(shape) <= 1:  # viewed as one row (the stateless fallback): its elements are the columns
+            row_dims = col_dims = cutting
+        return MeshPlacement(
+            extents, dist.get_rank(pg), local_shape, pg,
+            (self._group(mesh, row_dims, where),) if row_dims else (),
+            (self._group(mesh, sorted(col_dims), where),) if col_dims else (), replicas,
+        )
+
+    @staticmethod
+    def _ranges(shape, order, mesh_shape, coord) -> list[tuple[int, int]]:
+        """[rows [r0, r1), dim-1 range [c0, c1)] of the piece at mesh coordinate ``coord``: the cuts of
+        each dim applied in order."""
+        spans = []
+        for d in (0, 1):
+            lo, hi = 0, (shape[d] if d < len(shape) else 1)
+            for i in order.get(d, []):
+                lo, hi = _chunk(lo, hi, mesh_shape[i], coord[i])
+            spans.append((lo, hi))
+        return spans
+
+    def _extent(self, shape, order, mesh_shape, coord) -> Extent:
+        (r0, r1), (c0, c1) = self._ranges(shape, order, mesh_shape, coord)
+        if len(shape) <= 1:
+            return FlatRange(r0, r1)
+        inner = math.prod(shape[2:])
+        if 1 not in order:  # whole rows: a flat range, like FSDP2's
+            row = shape[1] * inner
+            return FlatRange(r0 * row, r1 * row)
+        return Box(r0, r1, c0 * inner, c1 * inner)
+
+    def _group(self, mesh, dims: list[int], where: str):
+        """The process group over mesh dims ``dims`` (this rank's slice of the others): the mesh's own
+        for one dim, DeviceMesh's flattened one for several (created once, on every rank alike)."""
+        if len(dims) == 1:
+            return mesh.get_group(dims[0])
+        key = (mesh, tuple(dims))
+        pg = self._flat.get(key)
+        if pg is None:
+            names = mesh.mesh_dim_names
+            if not names:
+                raise ValueError(
+                    f"{where}its mesh cuts it over mesh dims {dims} and has no mesh_dim_names to flatten them by; "
+                    "build the mesh with init_device_mesh(..., mesh_dim_names=(...))"
+                )
+            pg = self._flat[key] = mesh[tuple(names[i] for i in dims)]._flatten().get_group()
+        return pg
+
+
+def _grad_like_param(tensor) -> torch.Tensor:
+    """The local gradient of a DTensor parameter, redistributed to the parameter's placements first
+    where they differ (see ``DTensorLayout``)."""
+    from torch.distributed.tensor import DTensor
+
+    grad = tensor.grad
+    if not isinstance(grad, DTensor):
+        return grad
+    if tuple(grad.placements) != tuple(tensor.placements):
+        grad = grad.redistribute(tensor.device_mesh, tensor.placements)
+        tensor.grad = grad
+    return grad.to_local()
 
 
 def default_layouts() -> list[Layout]:

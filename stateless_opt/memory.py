@@ -47,6 +47,7 @@ data-parallel size), ``S`` = optimizer-state bytes per parameter, below):
     backend              params   grads   fp32 master            optimizer state
     single GPU / DDP     P        P       0                      S
     FSDP2 (shard N)      P/N      P/N     0                      S/N
+    TP / FSDP2 x TP      P/N_p    P/N_p   0                      S/N_p   (per parameter, below)
     ZeRO-1               P        P       4/N                    S/N
     ZeRO-2               P        P/N     4/N                    S/N
     ZeRO-3               P/N (*)  P/N     4/N                    S/N
@@ -54,8 +55,9 @@ data-parallel size), ``S`` = optimizer-state bytes per parameter, below):
 
     S: AdamW 2D (D = bytes of the tensor stepped: the fp32 master under ZeRO, else P) + 4 bytes per
        stepped tensor; SGD 0; SGD with momentum D; SGD-SaI D + 4 bytes per weight (its g-SNR scale,
-       kept on the host); SWAN / SinkGD 0 on matrix-rule weights, 8 (fp32 moments) + 4 bytes per
-       tensor on fallback weights with fallback="adamw", 0 with fallback="stateless".
+       kept on the host), except on its fallback groups with the opt-in fallback="adamw": 8 + 4 bytes
+       per tensor; SWAN / SinkGD 0 on matrix-rule weights, 8 (fp32 moments) + 4 bytes per tensor on
+       fallback weights with fallback="adamw", 0 with fallback="stateless" or "rowclip".
 
 ZeRO-1/2/3 keep a separate fp32 master even for fp32 parameters: stage 1/2 clone the partition, and
 stage 3's intended sharing for fp32 parameters never triggers in DeepSpeed 0.19.8 (it compares a
@@ -63,7 +65,11 @@ stage 3's intended sharing for fp32 parameters never triggers in DeepSpeed 0.19.
 (*) ZeRO-3 keeps weights under ``stage3_param_persistence_threshold`` (default 1e5 elements: norms,
 biases) whole on every rank, on top of their partitions. ZeRO's partitions are padded (a few
 elements per group), so measured figures exceed ``numel / N`` by that padding; FSDP2's uneven row
-shards leave some ranks a little above, some below ``numel / N``. The same table in Markdown is
+shards leave some ranks a little above, some below ``numel / N``. Tensor parallelism ("tp": DTensor
+parameters and no FSDP2 module) and FSDP2 over it ("fsdp2_tp": some parameter cut over two mesh dims)
+cut each parameter over its own ``N_p`` ranks (the mesh dims that cut it: the TP degree, or dp x tp),
+and leave what TP replicates (norms) whole on every TP rank: the formula counts each parameter at
+``1/N_p``, and ``shard`` reports the largest ``N_p``. The same table in Markdown is
 ``FORMULA_MARKDOWN``; ``predict(...)`` evaluates it.
 """
 
@@ -82,6 +88,7 @@ import torch
 import torch.distributed as dist
 
 from . import registry
+from .layouts import strided_shard_type
 from .optimizer import StateSize
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -91,17 +98,20 @@ FORMULA_MARKDOWN = """\
 |---|---|---|---|---|
 | single GPU / DDP | P | P | 0 | S |
 | FSDP2 (shard size N) | P/N | P/N | 0 | S/N |
+| TP, FSDP2 x TP (each parameter over its N_p ranks) | P/N_p | P/N_p | 0 | S/N_p |
 | ZeRO-1 | P | P | 4/N | S/N |
 | ZeRO-2 | P | P/N | 4/N | S/N |
 | ZeRO-3 | P/N (+ small persistent weights whole) | P/N | 4/N | S/N |
 | ZeRO-1 + BF16_Optimizer (bf16, fp32 grad accumulation) | 2 | 4 | 4/N | S/N |
 
 Bytes per parameter on each rank. P: bytes of a stored parameter (4 fp32, 2 bf16). N: ranks the
-backend shards over (the FSDP2 shard-mesh size, the ZeRO data-parallel size). S, optimizer state per
+backend shards over (the FSDP2 shard-mesh size, the ZeRO data-parallel size); N_p: the ranks that cut
+one parameter (the TP degree, dp x tp under FSDP2 x TP, 1 for norms TP replicates). S, optimizer state per
 parameter: AdamW 2D (D: bytes of the tensor it steps, the fp32 master under ZeRO, else P) + a 4-byte
-step per tensor; SGD 0; SGD with momentum D; **SGD-SaI D** + a 4-byte scale per weight; **SWAN and
-SinkGD 0** on matrix-rule weights, 8 (fp32 moments) on fallback weights with `fallback="adamw"`,
-**0 end to end with `fallback="stateless"`**. ZeRO partitions are padded by a few elements per group.
+step per tensor; SGD 0; SGD with momentum D; **SGD-SaI D** + a 4-byte scale per weight (8 on its
+fallback groups with the opt-in `fallback="adamw"`); **SWAN and SinkGD 0** on matrix-rule weights, 8
+(fp32 moments) on fallback weights with `fallback="adamw"`, **0 end to end with `fallback="stateless"`
+or `"rowclip"`**. ZeRO partitions are padded by a few elements per group.
 Activations, communication buckets and step temporaries come on top ("rest").
 """
 
@@ -111,12 +121,15 @@ _LAYOUT: dict[str, tuple[bool, bool, str | None, bool]] = {
     "ddp": (False, False, None, False),
     "zero0": (False, False, None, False),
     "fsdp2": (True, True, None, True),
+    "tp": (True, True, None, True),  # N = the TP degree; weights TP leaves whole (norms) count whole
+    "fsdp2_tp": (True, True, None, True),  # N = dp x tp for weights cut over both
     "zero1": (False, False, "always", True),
     "zero2": (False, True, "always", True),
     "zero3": (True, True, "always", True),
     "zero1-bf16": (False, False, "always", True),
 }
 BACKENDS = tuple(_LAYOUT)
+_DTENSOR_BACKENDS = ("fsdp2", "tp", "fsdp2_tp")
 
 
 def _adamw_state(group: dict, element_bytes: int) -> StateSize:
@@ -152,18 +165,19 @@ def state_model(optimizer: Any) -> Callable[[dict, int], StateSize] | None:
 
 
 def state_bytes_per_param(optimizer: str, *, dtype_bytes: int = 4, fallback_fraction: float = 0.0,
-                          fallback: str = "adamw") -> float:
+                          fallback: str | None = None) -> float:
     """``S`` of the formula (excluding the per-tensor scalars) for ``optimizer``: one of ``BASELINES``
     ("adamw", "adam", "sgd", "sgd_momentum") or a registered name ("swan", "sinkgd", "sgdsai", ...);
-    ``fallback_fraction`` is the share of parameters a matrix-rule optimizer sends to its fallback."""
+    ``fallback_fraction`` is the share of parameters in fallback groups (``param_groups``' split) and
+    ``fallback`` their rule (None: the optimizer's default)."""
     name = optimizer.lower()
     if name in BASELINES:
         return BASELINES[name]({}, dtype_bytes).per_element
     spec = registry.find(name)
     if spec is None:
         raise ValueError(f"no state formula for optimizer {optimizer!r}")
-    if not spec.splits_rules:
-        return spec.state_size({}, dtype_bytes).per_element
+    if fallback is None:
+        fallback = getattr(spec.config.model_fields.get("fallback"), "default", None)
     matrix = spec.state_size({"rule": "matrix"}, dtype_bytes).per_element
     fb = spec.state_size({"rule": "fallback", "fallback": fallback}, dtype_bytes).per_element
     return (1.0 - fallback_fraction) * matrix + fallback_fraction * fb
@@ -365,12 +379,18 @@ def _predict_state(model: Callable[[dict, int], StateSize] | None, units: list[S
 
 
 def _formula_state(model: Callable[[dict, int], StateSize], optimizer: Any, units: list[StateUnit],
-                   numel: int, dtype_bytes: int, n_state: int) -> float:
+                   numel: int, dtype_bytes: int, n_state: int, share: dict | None = None) -> float:
     """The formula's state for this rank: per-element state over the true sizes of each param group
     (ours record them; for others the model's ``numel`` at the first group's rate) / N, plus the
-    scalars of the tensors this rank steps."""
+    scalars of the tensors this rank steps; each weight at its rule's rate (``_weight_groups``).
+    ``share``: id(parameter) -> 1/N_p of a DTensor backend (the group's parameters are then counted
+    one by one)."""
     groups = optimizer.param_groups
-    if groups and all("_shapes" in g for g in groups):
+    if share is not None and all(id(p) in share for g in groups for p in g["params"]):
+        elements = sum(_true_numel(p) * share[id(p)] * model(rule_group, dtype_bytes).per_element
+                       for g in groups for p, (_, rule_group) in zip(g["params"], _weight_groups(optimizer, g)))
+        n_state = 1
+    elif groups and all("_shapes" in g for g in groups):
         elements = sum(math.prod(shape) * model(rule_group, dtype_bytes).per_element
                        for g in groups for shape, rule_group in _weight_groups(optimizer, g))
     else:
@@ -391,11 +411,33 @@ def _weight_groups(optimizer: Any, group: dict):
         yield tuple(shape), ({**group, "rule": rule(group, tuple(shape))} if rule is not None else group)
 
 
-def _shard_size(p: torch.Tensor) -> int:
+def _cut_dims(p: torch.Tensor) -> list[int]:
+    """The mesh dims that cut a DTensor (``Shard``, and FSDP2's ``_StridedShard`` over tensor
+    parallelism, which ``is_shard()`` does not count)."""
     mesh, placements = getattr(p, "device_mesh", None), getattr(p, "placements", None)
     if mesh is None or placements is None:
-        return 1
-    return math.prod(mesh.size(i) for i, pl in enumerate(placements) if pl.is_shard())
+        return []
+    strided = strided_shard_type()
+    return [i for i, pl in enumerate(placements)
+            if (pl.is_shard() or (strided is not None and isinstance(pl, strided))) and mesh.size(i) > 1]
+
+
+def _shard_size(p: torch.Tensor) -> int:
+    """Ranks a parameter is cut over (1: whole on every rank)."""
+    mesh = getattr(p, "device_mesh", None)
+    return math.prod(mesh.size(i) for i in _cut_dims(p)) if mesh is not None else 1
+
+
+def _dtensor_backend(model: torch.nn.Module, params: list) -> str:
+    """"fsdp2" (FSDP2 / HSDP: parameters cut over one mesh dim), "tp" (DTensor parameters and no
+    FSDP2 module: tensor parallelism) or "fsdp2_tp" (FSDP2 over tensor parallelism: some parameter cut
+    over two mesh dims)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = any(isinstance(m, FSDPModule) for m in model.modules())
+    if not fsdp:
+        return "tp"
+    return "fsdp2_tp" if any(len(_cut_dims(p)) >= 2 for p in params) else "fsdp2"
 
 
 def _true_numel(p: torch.Tensor) -> int:
@@ -436,10 +478,11 @@ def memory_report(
     ``{"ranks": [...], "summary": {...}, "formula": ...}`` on every rank, write it as JSON (rank 0)
     if ``json_path``. Every rank of ``group`` (default: the whole world) must call it.
 
-    ``model``: the module (plain, DDP, FSDP2-sharded) or a DeepSpeed engine (then ``optimizer``
+    ``model``: the module (plain, DDP, FSDP2-sharded, tensor-parallel) or a DeepSpeed engine (then ``optimizer``
     defaults to ``engine.optimizer``). ``optimizer``: ours, any torch optimizer, or DeepSpeed's ZeRO
     wrapper (its ``.optimizer`` is the base optimizer). ``backend``: "auto" (detected: ZeRO wrapper ->
-    zero1/zero2/zero3/zero1-bf16, DTensor parameters -> fsdp2, more than one rank -> ddp, else single)
+    zero1/zero2/zero3/zero1-bf16, DTensor parameters -> fsdp2, tp or fsdp2_tp, more than one rank -> ddp,
+    else single)
     or one of ``BACKENDS``. Call it after a step (state exists), before ``zero_grad``
     if the gradients should be measured rather than taken from the formula.
     """
@@ -467,7 +510,7 @@ def memory_report(
     if view is not None:
         name, stage, shard = view.backend, view.stage, view.shard
     elif any(_shard_size(p) > 1 for p in params) or any(hasattr(p, "device_mesh") for p in params):
-        name, shard = "fsdp2", max((_shard_size(p) for p in params), default=1)
+        name, shard = _dtensor_backend(model, params), max((_shard_size(p) for p in params), default=1)
     else:
         name, shard = ("ddp" if world > 1 else "single"), 1
     if backend != "auto":
@@ -523,11 +566,15 @@ def memory_report(
     pbytes = big.element_size() if big is not None else 4
     dtype_bytes = 4 if masters else pbytes  # what the stepped tensors (and AdamW's moments) are typed like
     n_state = shard if _LAYOUT[name][3] else 1
-    formula = predict(rec.numel, backend=name, world=shard, param_bytes=pbytes, state_bytes=0.0)
+    # DTensor backends: each parameter counts 1/N_p of itself (tensor parallelism leaves norms whole)
+    share = {id(p): 1.0 / _shard_size(p) for p in trainable} if name in _DTENSOR_BACKENDS else None
+    numel_eff = sum(_true_numel(p) * shard * share[id(p)] for p in trainable) if share else rec.numel
+    formula = predict(numel_eff, backend=name, world=shard, param_bytes=pbytes, state_bytes=0.0)
     formula.pop("state")
-    formula["state_adamw"] = rec.numel * 2.0 * dtype_bytes / n_state + 4 * len(units)
+    formula["state_adamw"] = numel_eff * 2.0 * dtype_bytes / n_state + 4 * len(units)
     if model_of_state is not None:
-        formula["state_ours"] = _formula_state(model_of_state, inner, units, rec.numel, dtype_bytes, n_state)
+        formula["state_ours"] = _formula_state(model_of_state, inner, units, rec.numel, dtype_bytes, n_state,
+                                               share)
     rec.formula = formula
     offloaded = view is not None and view.offloaded
     rec.grads_formula = 0 if (offloaded and _LAYOUT[name][1]) else int(formula["grads"])

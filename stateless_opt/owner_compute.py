@@ -93,11 +93,14 @@ def gather_compute_scatter(
     *,
     temp_bytes: Callable[[int, int], int],
     temp_budget_bytes: int,
+    stacked: bool = True,
 ) -> None:
     """One chunk: gather -> ``compute`` (batched by shape, on whole (B, m, n) fp32 matrices, returning
     (B, m, n)) -> scatter back -> ``apply`` on this rank's fragments with their pieces of the result.
     Same-shape matrices are computed in sub-batches whose temporaries (``temp_bytes(m, n)`` each) stay
-    under ``temp_budget_bytes``. Every rank calls this with the same ``frags``/``owners``."""
+    under ``temp_budget_bytes``. ``stacked=False``: ``compute`` takes the list of B (m, n) matrices
+    instead (a rule that reads them once anyway saves the stacked copy). Every rank calls this with the
+    same ``frags``/``owners``."""
     import torch
 
     me, world = comm.rank, comm.world
@@ -148,7 +151,8 @@ def gather_compute_scatter(
         step = max(1, temp_budget_bytes // temp_bytes(m, n))
         for lo in range(0, len(idx), step):
             sub = idx[lo : lo + step]
-            batch = torch.stack([whole.pop(i) for i in sub])
+            batch = [whole.pop(i) for i in sub]
+            batch = torch.stack(batch) if stacked else batch
             out = compute(batch)
             del batch
             done_frags, done_updates = [], []

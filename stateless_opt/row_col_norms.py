@@ -15,8 +15,9 @@ vectors: the executor behind SinkGD's rounds and the stateless fallback.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from itertools import accumulate
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -42,8 +43,28 @@ def chunks(items: Sequence, cost_bytes: Callable[[object], int], budget: int) ->
     return out
 
 
+@dataclass
+class FusedUpdate:
+    """How ``normalize_rows_cols`` writes W <- (1 - lr wd) W - lr r∘G∘c with the fused kernel: ``lr``
+    and ``weight_decay`` (numbers, or float64 device scalars on a device-decided step), the step's
+    ``masks`` (``optimizer.StepMasks``: each fragment's write is masked by its weight's flag; None: all
+    step) and the optimizer's launch tables."""
+
+    lr: Any
+    weight_decay: Any
+    masks: Any = None
+    tables: Any = None
+
+    def keep_address(self, frag: MatrixFragment) -> int:
+        if self.masks is None:
+            return kernels.address(kernels.ones(str(frag.grad.device)))
+        return self.masks.address(frag.weight.key)
+
+
 class ChunkIndex:
-    """Global row/column offsets of the matrices of one chunk (identical on every rank)."""
+    """Global row/column offsets of the matrices of one chunk (identical on every rank), and the
+    chunk's row and column scale vectors (kept with the cached geometry, so the fused update's launch
+    table, which holds their addresses, is built once)."""
 
     def __init__(self, frags: Sequence[MatrixFragment], device: torch.device):
         ms = [f.m for f in frags]
@@ -58,6 +79,8 @@ class ChunkIndex:
         self.m = torch.tensor(ms, dtype=torch.float32, device=device)
         self.n = torch.tensor(ns, dtype=torch.float32, device=device)
         self.count = count
+        self.row_scale = torch.empty(self.rows, dtype=torch.float32, device=device)
+        self.col_scale = torch.empty(self.cols, dtype=torch.float32, device=device)
 
 
 class FragmentStack:
@@ -93,17 +116,30 @@ class FragmentStack:
         for offset, h, w, rows, cols in self.parts:
             yield t[:, offset : offset + h * w].view(len(self.frags), h, w), rows, cols
 
+    def _take(self, vec: torch.Tensor, index) -> torch.Tensor:
+        """vec at a part's (B, k) row or column indices: a view where they are one range."""
+        return vec[index[0] : index[1]].view(len(self.frags), -1) if isinstance(index, tuple) else vec[index]
+
+    @staticmethod
+    def _add_at(out: torch.Tensor, index, part: torch.Tensor) -> None:
+        """out[index] += part: a plain add where the indices are one range (an indexed add costs ~40 us a
+        call on an H100 whatever its size: 5 of SinkGD's 31 ms at 1.3B), else ``index_add_``."""
+        if isinstance(index, tuple):
+            out[index[0] : index[1]].add_(part.reshape(-1))
+        else:
+            out.index_add_(0, index.reshape(-1), part.reshape(-1))
+
     def add_row_sumsq(self, out: torch.Tensor, col_scale_sq: torch.Tensor) -> None:
         """out[row] += Σ_j S_ij c_j² over this stack's pieces (the pre-row-scale squared row norms)."""
         for view, rows, cols in self._views(self.s):
-            part = matmul_fp32(view, col_scale_sq[cols].unsqueeze(-1).to(view.dtype)).squeeze(-1)
-            out.index_add_(0, rows.reshape(-1), part.reshape(-1))
+            part = matmul_fp32(view, self._take(col_scale_sq, cols).unsqueeze(-1).to(view.dtype)).squeeze(-1)
+            self._add_at(out, rows, part)
 
     def add_col_sumsq(self, out: torch.Tensor, row_scale_sq: torch.Tensor) -> None:
         """out[col] += Σ_i r_i² S_ij over this stack's pieces (the pre-column-scale squared norms)."""
         for view, rows, cols in self._views(self.s):
-            part = matmul_fp32(row_scale_sq[rows].unsqueeze(-2).to(view.dtype), view).squeeze(-2)
-            out.index_add_(0, cols.reshape(-1), part.reshape(-1))
+            part = matmul_fp32(self._take(row_scale_sq, rows).unsqueeze(-2).to(view.dtype), view).squeeze(-2)
+            self._add_at(out, cols, part)
 
     def fusable(self) -> bool:
         """The fused update applies: fp32 contiguous weights and gradients on a device with kernels."""
@@ -111,14 +147,15 @@ class FragmentStack:
             f.param.dtype == f.grad.dtype == torch.float32 and f.param.is_contiguous() and f.grad.is_contiguous()
             for f in self.frags)
 
-    def fused_items(self, row_scale: torch.Tensor, col_scale: torch.Tensor) -> list[tuple]:
+    def fused_items(self, row_scale: torch.Tensor, col_scale: torch.Tensor, update: FusedUpdate) -> list[tuple]:
         """This stack's fragments as ``kernels.row_col_scaled_update_`` items (see ``fusable``); S is
         no longer needed."""
         self.s = None
         items = []
         for f, r0, c0 in zip(self.frags, self.row_off, self.col_off):
             lo, hi, left, right, start, width = f.local.kernel_view(f.m, f.n)
-            items.append((f.param, f.grad, row_scale[r0 + lo : r0 + hi], col_scale[c0 + left : c0 + right], start, width))
+            items.append((f.param, f.grad, row_scale[r0 + lo : r0 + hi], col_scale[c0 + left : c0 + right], start, width,
+                          update.keep_address(f)))
         return items
 
     def finalize(self, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
@@ -132,13 +169,15 @@ class FragmentStack:
         for row, f in zip(x, self.frags):
             row.copy_(f.grad.reshape(-1))
         for view, rows, cols in self._views(x):
-            view.mul_(row_scale[rows].unsqueeze(-1)).mul_(col_scale[cols].unsqueeze(-2))
+            view.mul_(self._take(row_scale, rows).unsqueeze(-1)).mul_(self._take(col_scale, cols).unsqueeze(-2))
         return x
 
 
 class StackGeometry:
     """Where the pieces of one group of same-geometry fragments (``positions`` in the chunk) sit in
-    the chunk-wide row/column vectors: (offset in the fragment, h, w, row indices, column indices)."""
+    the chunk-wide row/column vectors: (offset in the fragment, h, w, row indices, column indices); the
+    indices are a (start, stop) range where the B fragments' rows (columns) follow each other - whole
+    matrices next to each other in a chunk, the usual case - else a (B, k) index tensor."""
 
     def __init__(self, frags: Sequence[MatrixFragment], positions: list[int], index: ChunkIndex,
                  device: torch.device):
@@ -150,9 +189,20 @@ class StackGeometry:
         col_off = torch.tensor(self.col_off, device=device)
         self.parts = []
         for pc in f0.local.pieces(f0.m, f0.n):
-            rows = row_off[:, None] + torch.arange(pc.r0, pc.r1, device=device)
-            cols = col_off[:, None] + torch.arange(pc.c0, pc.c1, device=device)
+            rows = _span(self.row_off, pc.r0, pc.r1)
+            cols = _span(self.col_off, pc.c0, pc.c1)
+            if rows is None:
+                rows = row_off[:, None] + torch.arange(pc.r0, pc.r1, device=device)
+            if cols is None:
+                cols = col_off[:, None] + torch.arange(pc.c0, pc.c1, device=device)
             self.parts.append((pc.offset, pc.r1 - pc.r0, pc.c1 - pc.c0, rows, cols))
+
+
+def _span(offsets: list[int], lo: int, hi: int) -> tuple[int, int] | None:
+    """(start, stop) if offsets[b] + [lo, hi) for b = 0, 1, ... are consecutive ranges, else None."""
+    if all(b - a == hi - lo for a, b in zip(offsets, offsets[1:])):
+        return offsets[0] + lo, offsets[-1] + hi
+    return None
 
 
 def chunk_geometry(frags: Sequence[MatrixFragment], device: torch.device,
@@ -238,14 +288,22 @@ def normalize_rows_cols(
     apply: Callable[[list[MatrixFragment], torch.Tensor], None],
     device: torch.device,
     stats_dtype: torch.dtype = torch.float32,
-    fused_update: tuple[float, float] | None = None,
+    fused_update: FusedUpdate | None = None,
     cache: dict | None = None,
+    fro_comms: Sequence = (),
 ) -> None:
     """SR-Sinkhorn on fragments: ``iterations`` x {(if ``rows``) every row to l2 norm sqrt(n); then (if
-    ``columns``) every column to l2 norm sqrt(m)}; then, for each stack, W <- decay W - lr x in one fused pass where
-    ``fused_update = (lr, decay)`` is given and the stack qualifies, else ``apply(frags, x)``.
+    ``columns``) every column to l2 norm sqrt(m)}; then, for each stack, W <- (1 - lr wd) W - lr x in one
+    fused pass where ``fused_update`` is given and the stack qualifies, else ``apply(frags, x)``.
     ``row_comms`` / ``col_comms``: the collectives of the shards' row / column groups (every fragment
     of a chunk shares them); ``cache``: the optimizer's dict for ``chunk_geometry``.
+
+    The norm floor (``floor_norms``) is relative to each matrix's Frobenius norm. By default that norm
+    is summed from this axis's norms, which leaves out rows (columns) held only by other ranks where
+    the axis is not reduced (FSDP2's whole rows): harmless at an eps floor, which only touches rows
+    near zero, wrong for a floor near the matrix's scale (the "rowclip" fallback's). ``fro_comms``:
+    the collectives of the weights' holders; the matrices' local squared norms are all-reduced over
+    them each half-round (one vector of a float per matrix), so the floor is the single-process one.
 
     The iterate is diag(r) G diag(c): only the row scales r and column scales c change per half-round
     (see ``FragmentStack``). Row sums of squares come from fragment-local partial sums, all-reduced as
@@ -258,13 +316,15 @@ def normalize_rows_cols(
               for g in geometries]
     row_reduce = tuple(row_comms) if rows and rows_split(frags) else ()
     col_reduce = tuple(col_comms) if columns and cols_split(frags) else ()
-    row_scale = torch.ones(index.rows, dtype=torch.float32, device=device)
-    col_scale = torch.ones(index.cols, dtype=torch.float32, device=device)
+    row_scale = index.row_scale.fill_(1.0)
+    col_scale = index.col_scale.fill_(1.0)
     for _ in range(iterations):
         if rows:
-            _normalize_axis(stacks, index, row_reduce, eps, rows=True, scale=row_scale, other=col_scale)
+            _normalize_axis(stacks, index, row_reduce, eps, rows=True, scale=row_scale, other=col_scale,
+                            fro_comms=fro_comms)
         if columns:
-            _normalize_axis(stacks, index, col_reduce, eps, rows=False, scale=col_scale, other=row_scale)
+            _normalize_axis(stacks, index, col_reduce, eps, rows=False, scale=col_scale, other=row_scale,
+                            fro_comms=fro_comms)
     # The scales were found for G * 2^k; fold 2^k into them, half into each so that neither overflows
     half = torch.div(k, 2, rounding_mode="floor")
     row_scale.mul_(_pow2(half)[index.row_matrix])
@@ -272,16 +332,16 @@ def normalize_rows_cols(
     fused = []  # one launch for every fusable fragment of the chunk
     for st in stacks:
         if fused_update is not None and st.fusable():
-            fused += st.fused_items(row_scale, col_scale)
+            fused += st.fused_items(row_scale, col_scale, fused_update)
         else:
             apply(st.frags, st.finalize(row_scale, col_scale))
     if fused:
-        lr, decay = fused_update
-        kernels.row_col_scaled_update_(fused, lr=lr, decay=decay)
+        kernels.row_col_scaled_update_(fused, lr=fused_update.lr, weight_decay=fused_update.weight_decay,
+                                       tables=fused_update.tables)
 
 
 def _normalize_axis(stacks, index: ChunkIndex, reduce: tuple, eps, *, rows: bool, scale: torch.Tensor,
-                    other: torch.Tensor) -> None:
+                    other: torch.Tensor, fro_comms: Sequence = ()) -> None:
     """One half-round: set the row (or column) scales so every row (column) of every matrix has l2 norm
     sqrt(n) (or sqrt(m)).
 
@@ -295,11 +355,18 @@ def _normalize_axis(stacks, index: ChunkIndex, reduce: tuple, eps, *, rows: bool
     other_sq = other.square()
     for st in stacks:
         (st.add_row_sumsq if rows else st.add_col_sumsq)(sumsq, other_sq)
+    matrix_of = index.row_matrix if rows else index.col_matrix
+    fro_sq = None
+    if fro_comms:  # this rank's part of each matrix's squared norm, summed over the holders
+        fro_sq = torch.zeros(index.count, dtype=torch.float32, device=device).index_add_(0, matrix_of, sumsq)
+        for comm in fro_comms:
+            comm.all_reduce_sum_(fro_sq)
     for comm in reduce:
         comm.all_reduce_sum_(sumsq)
-    matrix_of = index.row_matrix if rows else index.col_matrix
     norms = sumsq.clamp_min_(0).sqrt_()
-    fro = torch.zeros(index.count, dtype=torch.float32, device=device).index_add_(0, matrix_of, norms.square()).sqrt_()
+    if fro_sq is None:
+        fro_sq = torch.zeros(index.count, dtype=torch.float32, device=device).index_add_(0, matrix_of, norms.square())
+    fro = fro_sq.clamp_min_(0).sqrt_()
     count = index.m if rows else index.n  # how many rows (columns) share the matrix's norm
     target = (index.n if rows else index.m).sqrt()[matrix_of]  # each row gets norm sqrt(n)
     scale.copy_(target / floor_norms(norms, matrix_of, fro, count, eps))

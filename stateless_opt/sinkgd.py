@@ -84,7 +84,7 @@ class SinkGD(MatrixRuleOptimizer):
         # Chunks bound the fp32 copy of the gradients; every rank cuts the same chunks.
         budget = int(group["chunk_mb"] * 2**20) * comm.world
         device = frags[0].grad.device
-        fused = (lr, 1.0 - lr * group["weight_decay"]) if group["fused"] else None
+        fused = self.fused_update(group, lr) if group["fused"] else None
         # "auto": bf16 squared gradients on CUDA, half the bytes of the 2L passes that dominate the step
         stats = getattr(torch, matmul_precision(group["stats_dtype"], device))
         row_comms, col_comms = self._row_col_comms(frags)

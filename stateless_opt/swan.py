@@ -187,26 +187,35 @@ def swan_direction(
     gradnorm_axis: str = "oriented",
     lower: float = PE_LOWER,
     dtype: str = "float32",
+    symmetric: bool = True,
     in_place: bool = False,
 ) -> torch.Tensor:
-    """SWAN's update direction for whole matrices g (B, m, n), fp32 in, fp32 out, RMS 1 each: the
-    batched ``swan_update``. Each matrix is first scaled by ``unit_scale`` (eps with it); ``in_place``:
-    an fp32 ``g`` may be scaled where it is (the caller's stacked copy).
+    """SWAN's update direction for whole matrices g (B, m, n) (or a list of B same-shape matrices), fp32
+    in, fp32 out, RMS 1 each: the batched ``swan_update``. Each matrix is first scaled by ``unit_scale``
+    (eps with it); ``in_place``: an fp32 batch ``g`` may be scaled where it is (the caller's stacked
+    copy); a list is never written (its matrices may be the gradients themselves).
 
     1. orient so that m <= n; 2. GradNorm; 3. whiten: (G G^T)^(-1/2) G, the polar factor U V^T
     (on the range for rank-deficient G, e.g. square weights after centring); 4. rescale to RMS 1.
     ``gradnorm_axis="stored_rows"`` standardises the rows as stored, before orienting.
     ``method``: "polar_express" (``steps`` Polar Express steps for singular values down to ``lower``,
     matmuls in ``dtype``), "newton_schulz" (``steps`` coupled iterations, fp32) or "eigh" (exact, fp64).
+    ``symmetric``: bf16 Polar Express on CUDA computes its symmetric products (X X^T, A^2) with the
+    Triton kernel that forms only half of each (``polar_express.bf16_ops``).
     """
     if method not in ("polar_express", "newton_schulz", "eigh"):
         raise ValueError(f"unknown whitening method {method!r}")
-    x = g.float()
+    if method == "polar_express" and dtype == "bfloat16":  # scales each matrix as it reads it (no stacked copy)
+        return _polar_express_bf16(g, eps=eps, steps=steps, lower=lower, gradnorm_axis=gradnorm_axis,
+                                   symmetric=symmetric, in_place=in_place)
+    stacked = isinstance(g, (list, tuple))
+    x = torch.stack(list(g)).float() if stacked else g.float()
     scale = unit_scale(x)
-    x = x.mul_(scale) if in_place and x is g else x * scale
+    x = x.mul_(scale) if (x is not g or in_place) else x * scale  # a copy of ours, or the caller's to scale
     eps = eps * scale
     if method == "polar_express":
-        return _polar_express_direction(x, eps=eps, steps=steps, lower=lower, dtype=dtype, gradnorm_axis=gradnorm_axis)
+        return _polar_express_direction(x, eps=eps, steps=steps, lower=lower, dtype=dtype, gradnorm_axis=gradnorm_axis,
+                                        symmetric=symmetric)
     if gradnorm_axis == "stored_rows":
         x = gradnorm(x, eps)
         x, transposed = orient(x)
@@ -232,9 +241,10 @@ def swan_direction(
 
 
 def _polar_express_direction(
-    g: torch.Tensor, *, eps: float, steps: int, lower: float, dtype: str, gradnorm_axis: str = "oriented"
+    g, *, eps: float, steps: int, lower: float, dtype: str, gradnorm_axis: str = "oriented", symmetric: bool = True,
 ) -> torch.Tensor:
-    """``swan_direction`` with Polar Express whitening, fp32 out, RMS 1.
+    """``swan_direction`` with Polar Express whitening, fp32 out, RMS 1; ``g`` a batch (B, m, n) or a
+    list of same-shape matrices (bf16: read where they are, no stacked copy).
 
     GradNorm, whitening, and then two exact steps on the output: it is re-centred along the axis
     GradNorm centred (the exact polar factor on the range has zero means there: G~ 1 = 0 puts 1 in
@@ -243,40 +253,79 @@ def _polar_express_direction(
     for square weights), and scaled to RMS 1. In bf16 the statistics are taken with fused reductions
     (mean and variance in one pass, the Frobenius norm of G~ from them) and G~ / ||G~||_F is written
     straight into the padded bf16 buffer, so the fp32 matrix is read twice and the result written once.
+    bf16 works in the stored layout: a tall matrix (m > n) is whitened from the right (X X^T on the
+    small side is X^T X there, the polynomial multiplies X on the right), so no pass reads or writes a
+    transposed matrix (measured on an H100: no net change of the 1.3B step, see docs/design.md).
     """
-    x = g.float()
+    if dtype == "bfloat16":
+        return _polar_express_bf16(g, eps=eps, steps=steps, lower=lower, gradnorm_axis=gradnorm_axis,
+                                   symmetric=symmetric)
+    if dtype != "float32":
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    x = torch.stack(list(g)).float() if isinstance(g, (list, tuple)) else g.float()
     xo, transposed = orient(x)
     # The axis GradNorm standardises, in the oriented (m <= n) view: -1 = rows, -2 = columns.
     axis = -2 if (gradnorm_axis == "stored_rows" and transposed) else -1
     m, n = xo.shape[-2:]
-    if dtype == "float32":
-        xn = gradnorm(xo, eps, axis)
-        d = polar_express(xn.mul_(unit_scale(xn)), steps, lower, "float32")  # whitening ignores the scale
-    elif dtype == "bfloat16":
-        count = xo.shape[axis]
-        var, mean = torch.var_mean(xo, dim=axis, correction=0, keepdim=True)
-        sd = var.sqrt()
-        scale = torch.where(var > 0, (sd + eps).reciprocal_(), torch.zeros_like(sd))  # zero-spread rows: exactly 0
-        # ||G~||_F^2 = count * sum over rows of t^2, t = sd * scale (each row's RMS after GradNorm, < 1),
-        # taken relative to the largest t: where eps dominates, every t is eps-small and t^2 underflows
-        t = sd * scale
-        t_max = t.amax(dim=(-2, -1), keepdim=True).clamp_min_(FP32_TINY)
-        fro = (t / t_max).square_().sum(dim=(-2, -1), keepdim=True).mul_(count).sqrt_()
-        scale = torch.where(fro > 0, scale / t_max / fro.clamp_min(TINY), torch.zeros_like(scale))
-        ops = bf16_ops(x.device)
-        xs = ops.empty_padded(xo.shape, x.device)
-        torch.addcmul(-mean * scale, xo, scale, out=xs[..., :m, :n])  # (x - mean) * scale, in one pass
-        del var, mean, scale, fro, sd, t
-        d = direct_bf16(ops.load(xs), steps, lower, ops)[..., :m, :n]
-    else:
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    # Re-centre along GradNorm's axis and scale to RMS 1: the statistics in one fused pass (per-row
-    # Welford, accurate where a flat fp32 sum over millions of entries is not), one write.
+    xn = gradnorm(xo, eps, axis)
+    d = polar_express(xn.mul_(unit_scale(xn)), steps, lower, "float32")  # fp32: cuBLAS; whitening ignores the scale
+    out = torch.empty(xo.shape[:-2] + ((n, m) if transposed else (m, n)), dtype=torch.float32, device=x.device)
+    _recentre_into(d, axis, out.transpose(-2, -1) if transposed else out)
+    return out
+
+
+def _recentre_into(d: torch.Tensor, axis: int, out: torch.Tensor) -> None:
+    """Re-centre along GradNorm's axis and scale to RMS 1, written into ``out`` (fp32): the statistics in
+    one fused pass (per-row Welford, accurate where a flat fp32 sum over millions of entries is not),
+    one write."""
+    m, n = d.shape[-2:]
     var, mean = torch.var_mean(d, dim=axis, correction=0, keepdim=True)
     norm = var.float().sum(dim=(-2, -1), keepdim=True).mul_(d.shape[axis]).sqrt_()
     scale = math.sqrt(m * n) / norm.clamp_min(TINY)
-    out = torch.empty(xo.shape[:-2] + ((n, m) if transposed else (m, n)), dtype=torch.float32, device=x.device)
-    torch.addcmul(-mean.float() * scale, d, scale, out=out.transpose(-2, -1) if transposed else out)
+    torch.addcmul(-mean.float() * scale, d, scale, out=out)
+
+
+def _gradnorm_into(g: torch.Tensor, out: torch.Tensor, axis: int, eps: float, in_place: bool = False) -> None:
+    """GradNorm of ``g`` along ``axis``, divided by its Frobenius norm, written into ``out`` (bf16): ``g``
+    scaled by ``unit_scale`` first (eps with it: the squares of the statistics stay in fp32's range; in
+    place only where ``g`` is a copy of ours or ``in_place``), mean and variance in one Welford pass,
+    ||G~||_F from them, one write."""
+    x = g.float()
+    unit = unit_scale(x)
+    x = x.mul_(unit) if (x is not g or in_place) else x * unit
+    eps = eps * unit
+    count = x.shape[axis]
+    var, mean = torch.var_mean(x, dim=axis, correction=0, keepdim=True)
+    sd = var.sqrt()
+    scale = torch.where(var > 0, (sd + eps).reciprocal_(), torch.zeros_like(sd))  # zero-spread rows: exactly 0
+    # ||G~||_F^2 = count * sum over rows of t^2, t = sd * scale (each row's RMS after GradNorm, < 1), taken
+    # relative to the largest t (where eps dominates, every t is eps-small and t^2 underflows); no pass over G
+    t = sd * scale
+    t_max = t.amax(dim=(-2, -1), keepdim=True).clamp_min_(FP32_TINY)
+    fro = (t / t_max).square_().sum(dim=(-2, -1), keepdim=True).mul_(count).sqrt_()
+    scale = torch.where(fro > 0, scale / t_max / fro.clamp_min(TINY), torch.zeros_like(scale))
+    torch.addcmul(-mean * scale, x, scale, out=out)  # (x - mean) * scale, in one pass
+
+
+def _polar_express_bf16(g, *, eps: float, steps: int, lower: float, gradnorm_axis: str, symmetric: bool,
+                        in_place: bool = False):
+    mats = list(g) if isinstance(g, (list, tuple)) else None
+    first = mats[0] if mats is not None else g[0]
+    rows, cols = first.shape[-2:]
+    batch = len(mats) if mats is not None else g.shape[0]
+    tall = rows > cols
+    # GradNorm's axis in the stored layout: the oriented rows are a tall matrix's stored columns
+    axis = -2 if (tall and gradnorm_axis == "oriented") else -1
+    ops = bf16_ops(first.device, symmetric)
+    xs = ops.empty_padded((batch, rows, cols), first.device)
+    if mats is None:
+        _gradnorm_into(g, xs[..., :rows, :cols], axis, eps, in_place)
+    else:
+        for k, mat in enumerate(mats):  # each gradient read where it is (and never written): no stacked copy
+            _gradnorm_into(mat, xs[k, :rows, :cols], axis, eps)
+    d = direct_bf16(ops.load(xs), steps, lower, ops, right=tall)[..., :rows, :cols]
+    out = torch.empty(batch, rows, cols, dtype=torch.float32, device=first.device)
+    _recentre_into(d, axis, out)
     return out
 
 
@@ -316,6 +365,11 @@ class SWANConfig(MatrixRuleConfig):
         "or the rows as stored",
     )
     chunk_mb: float = Field(512.0, gt=0.0, description="per-rank bound on gathered matrices of one chunk (MiB)")
+    fused: bool = Field(
+        True,
+        description="bf16 Polar Express on CUDA: X X^T and A^2 by a Triton kernel that computes only the blocks on "
+        "and below the diagonal (half their FLOPs), where Triton runs; False: cuBLAS for every product",
+    )
     whiten_batch_mb: float = Field(
         1024.0,
         gt=0.0,
@@ -343,6 +397,7 @@ class SWAN(MatrixRuleOptimizer):
     """
 
     config_cls = SWANConfig
+    run_by = "holders"  # whitening needs whole matrices only: one owner assignment over all of them
 
     def __init__(self, params, lr: float = 1e-3, **hyperparameters):
         super().__init__(params, lr, **hyperparameters)
@@ -362,11 +417,12 @@ class SWAN(MatrixRuleOptimizer):
         )
         direction = partial(
             swan_direction, eps=group["eps"], steps=steps, method=method,
-            gradnorm_axis=group["gradnorm_axis"], lower=group["pe_lower_bound"], dtype=dtype, in_place=True,
+            gradnorm_axis=group["gradnorm_axis"], lower=group["pe_lower_bound"], dtype=dtype, symmetric=group["fused"],
         )
         for idx in chunk_list:
             gather_compute_scatter(
                 [frags[i] for i in idx], [owners[i] for i in idx], comm, direction,
                 lambda fs, us: self._apply_fragments(group, fs, us, lr),
                 temp_bytes=whitening_temp_bytes, temp_budget_bytes=int(group["whiten_batch_mb"] * 2**20),
+                stacked=False,  # swan_direction reads the matrices where they are
             )

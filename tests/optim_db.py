@@ -31,7 +31,10 @@ class OptimizerInfo:
     ``f(grad)`` (None for elementwise optimizers: ``SGDSaIRef`` covers them); ``amplifies_rounding``:
     an iterative whitening not converged on the small singular values, which grows fp32 reduction-order
     noise about tenfold (the equality tests loosen their tolerance tenfold for it); ``backends``: the
-    equality suites it runs in ("fsdp2": FSDP2, HSDP and DDP; "zero": DeepSpeed ZeRO-1/2/3)."""
+    equality suites it runs in ("fsdp2": FSDP2, HSDP and DDP; "zero": DeepSpeed ZeRO-1/2/3; "tp": tensor
+    parallelism and FSDP2 x TP); ``marked_groups``: the variant changes only param groups marked
+    ``rule="fallback"`` (``param_groups(model)``) and refuses a plain parameter list, so tests give it
+    marked groups."""
 
     id: str
     name: str
@@ -41,6 +44,7 @@ class OptimizerInfo:
     amplifies_rounding: bool = False
     backends: frozenset = frozenset()
     default: bool = False
+    marked_groups: bool = False
 
     @property
     def spec(self) -> registry.OptimizerSpec:
@@ -161,22 +165,29 @@ def _written(cls, name: str, value: float):
     return opt
 
 
-ALL = frozenset({"fsdp2", "zero"})
+ALL = frozenset({"fsdp2", "zero", "tp"})
 OPTIM_DB: list[OptimizerInfo] = [
     OptimizerInfo("swan", "swan", rule=swan.swan_update, reference=R.swan_update, amplifies_rounding=True,
                   backends=ALL, default=True),
-    OptimizerInfo("swan_eigh", "swan", {"whitening": "eigh"}, swan.swan_update, R.swan_update, backends=ALL),
+    OptimizerInfo("swan_eigh", "swan", {"whitening": "eigh"}, swan.swan_update, R.swan_update,
+                  backends=frozenset({"fsdp2", "zero"})),
     OptimizerInfo("swan_ns", "swan", {"whitening": "newton_schulz"}, swan.swan_update, R.swan_update,
                   amplifies_rounding=True),
     OptimizerInfo("swan_stateless", "swan", {"fallback": "stateless"}, swan.swan_update, R.swan_update,
                   amplifies_rounding=True),
+    OptimizerInfo("swan_rowclip", "swan", {"fallback": "rowclip"}, swan.swan_update, R.swan_update,
+                  amplifies_rounding=True),
     OptimizerInfo("sinkgd", "sinkgd", rule=sinkgd.sinkgd_update, reference=R.sinkgd_update,
-                  backends=frozenset({"fsdp2"}), default=True),
+                  backends=frozenset({"fsdp2", "tp"}), default=True),
     OptimizerInfo("sinkgd_stateless", "sinkgd", {"fallback": "stateless"}, sinkgd.sinkgd_update, R.sinkgd_update,
-                  backends=frozenset({"zero"})),
+                  backends=frozenset({"zero", "tp"})),
+    OptimizerInfo("sinkgd_rowclip", "sinkgd", {"fallback": "rowclip"}, sinkgd.sinkgd_update, R.sinkgd_update,
+                  backends=frozenset({"tp"})),
     OptimizerInfo("sgdsai", "sgdsai", backends=ALL, default=True),
     OptimizerInfo("sgdsai_unfused", "sgdsai", {"fused": False}),
     OptimizerInfo("sgdsai_max", "sgdsai", {"max_normalized_gsnr": True}),
+    # not the paper: embeddings, LM head and norms (the marked fallback groups) on AdamW at 10x the LR
+    OptimizerInfo("sgdsai_adamw", "sgdsai", {"fallback": "adamw", "fallback_lr_ratio": 10.0}, marked_groups=True),
     OptimizerInfo("colrms", "colrms", rule=colrms.colrms_update, reference=colrms.colrms_update),
 ]
 BY_ID = {info.id: info for info in OPTIM_DB}
@@ -186,10 +197,13 @@ def info(row: str) -> OptimizerInfo:
     return BY_ID[row]
 
 
-def rows(backend: str | None = None, *, matrix_rule: bool | None = None) -> list[OptimizerInfo]:
-    """The rows an equality suite runs (``backend``), or that have a matrix rule."""
+def rows(backend: str | None = None, *, matrix_rule: bool | None = None,
+         marked_groups: bool | None = None) -> list[OptimizerInfo]:
+    """The rows an equality suite runs (``backend``), that have a matrix rule, or that need marked groups."""
     out = [r for r in OPTIM_DB if backend is None or backend in r.backends]
     if matrix_rule is not None:
         out = [r for r in out if (r.reference is not None) == matrix_rule]
+    if marked_groups is not None:
+        out = [r for r in out if r.marked_groups == marked_groups]
     return out
 

@@ -103,6 +103,14 @@ def stateless_fallback_update(g: torch.Tensor, *, eps: float = 1e-8) -> torch.Te
     return normalize_rows(x, eps).reshape(g.shape)
 
 
+def rowclip_fallback_update(g: torch.Tensor) -> torch.Tensor:
+    """Each row over max(its RMS, the whole tensor's RMS): rows above the tensor's RMS to RMS 1, the
+    others scaled by the tensor's RMS alone; a 0-/1-D tensor as one row (RMS 1)."""
+    x = as_matrix(g) if g.dim() >= 2 else g.detach().to(F64).reshape(1, -1)
+    rows = x.square().mean(dim=1, keepdim=True).sqrt()
+    return (x / torch.maximum(rows, x.square().mean().sqrt())).reshape(g.shape)
+
+
 class AdamWRef:
     """torch.optim.AdamW's documented update (amsgrad off), float64, one tensor."""
 

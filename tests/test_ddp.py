@@ -41,7 +41,8 @@ def ddp_sync(model, last: bool):
 def build(ctx, opt: str, how: str):
     """how: "param_groups" -> ``param_groups(ddp_model)`` (registers the DDP group);
     "replicate_group" -> plain groups + ``replicate_group=ddp.process_group``;
-    "local" -> the optimizer is not told about DDP (every rank computes the whole update)."""
+    "local" -> the optimizer is not told about DDP (every rank computes the whole update);
+    "plain" -> ``Opt(ddp.parameters())``, the form torch.optim users write."""
     ddp = wrap(ctx, make_model(ctx.device))
     if how == "param_groups":
         optimizer = make_opt(opt, so.param_groups(ddp))
@@ -49,6 +50,8 @@ def build(ctx, opt: str, how: str):
         optimizer = make_opt(opt, so.param_groups(ddp.module), replicate_group=ddp.process_group)
     elif how == "local":
         optimizer = make_opt(opt, so.param_groups(ddp.module))
+    elif how == "plain":
+        optimizer = make_opt(opt, ddp.parameters())
     else:
         raise ValueError(how)
     return ddp, optimizer
@@ -56,14 +59,17 @@ def build(ctx, opt: str, how: str):
 
 @contextlib.contextmanager
 def count_whitened():
-    """Count the matrices this rank whitens (SWAN's direction is looked up at every step)."""
+    """Count the matrices this rank whitens, and their shapes (SWAN's direction is looked up at every
+    step)."""
     import stateless_opt.swan as swan_mod
 
-    counted = {"matrices": 0}
+    counted = {"matrices": 0, "shapes": []}
     orig = swan_mod.swan_direction
 
     def counting(g, **kw):
-        counted["matrices"] += g.shape[0]
+        n = len(g)  # a batch (B, m, n) or a list of B matrices
+        counted["matrices"] += n
+        counted["shapes"] += [tuple(g[0].shape[-2:])] * n
         return orig(g, **kw)
 
     swan_mod.swan_direction = counting
@@ -108,9 +114,10 @@ for _opt in ("swan", "sinkgd", "sgdsai"):
     CASES.add(f"ddp_payload_{_opt}", payload, WORLDS, opt=_opt)
 
 
-def nan_one_rank(ctx, opt: str):
-    """NaN in the last rank's gradient AFTER DDP's all-reduce (a faulty rank): every rank skips."""
-    ddp, optimizer = build(ctx, opt, "param_groups")
+def nan_one_rank(ctx, opt: str, how: str = "param_groups"):
+    """NaN in the last rank's gradient AFTER DDP's all-reduce (a faulty rank): every rank skips, however
+    the optimizer was built (the skip vote runs over the default group under an initialised job)."""
+    ddp, optimizer = build(ctx, opt, how)
     out = {}
     for step in range(3):
         x, y = global_batch(step, ctx.device)
@@ -130,7 +137,8 @@ def nan_one_rank(ctx, opt: str):
 
 
 for _opt in ("swan", "sinkgd", "sgdsai"):
-    CASES.add(f"ddp_nan_{_opt}", nan_one_rank, WORLDS, opt=_opt)
+    for _how in ("param_groups", "plain", "local"):
+        CASES.add(f"ddp_nan_{_opt}_{_how}", nan_one_rank, WORLDS, opt=_opt, how=_how)
 
 
 # -------------------------------------------------------------------------------------------- tests
@@ -191,7 +199,7 @@ def test_ddp_payload_swan_results_only(world):
         for per_step in per_rank:
             st = per_step[step]
             calls = st["calls"]
-            assert calls[0] == {"op": "all_reduce", "bytes": 4, "dtype": "torch.float32"}
+            assert calls[0] == {"op": "all_reduce", "bytes": 4, "dtype": "torch.float32", "reduce": "max"}
             assert st["bytes_sent"] == sum(c["bytes"] for c in calls)
             assert len(calls) > 1 and all(c["op"] == "all_to_all" for c in calls[1:])
             sent += sum(c["bytes"] for c in calls[1:])
@@ -202,9 +210,10 @@ def test_ddp_payload_swan_results_only(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("how", ("param_groups", "plain", "local"))
 @pytest.mark.parametrize("opt", ("swan", "sinkgd", "sgdsai"))
-def test_ddp_nan_on_one_rank_skips_everywhere(opt, world):
-    for r, res in enumerate(CASES.result(f"ddp_nan_{opt}", world)):
+def test_ddp_nan_on_one_rank_skips_everywhere(opt, how, world):
+    for r, res in enumerate(CASES.result(f"ddp_nan_{opt}_{how}", world)):
         assert not res[0]["unchanged"] and res[0]["skipped"] == 0, (r, res)
         assert res[1]["unchanged"] and res[1]["finite"] and res[1]["skipped"] == 1, (r, res)
         assert not res[2]["unchanged"] and res[2]["finite"] and res[2]["skipped"] == 1, (r, res)

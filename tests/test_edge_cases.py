@@ -256,21 +256,22 @@ def test_resume_continues_bit_for_bit(name, dtype):
 
 
 # ------------------------------------------------------------------------------------ bf16 rounding
-def _small_lr_case(kind: str, stochastic: bool):
-    """Pure-bf16 weights at 1.0 whose exact update is -1e-4 per entry per step: ~1/40 of a bf16 ulp
-    below 1.0 (2^-8), so round-to-nearest drops it. Returns (mean change after 8 steps, expected)."""
+def _small_lr_case(kind: str, stochastic: bool, dtype=torch.bfloat16):
+    """Pure-bf16 (fp16) weights at 1.0 whose exact update is -1e-4 per entry per step: ~1/40 of a bf16
+    ulp below 1.0 (2^-8; fp16: ~1/5 of 2^-11), so round-to-nearest drops it. Returns (mean change after
+    8 steps, expected)."""
     steps = 8
     if kind == "sinkgd":  # a constant gradient: every entry of the SinkGD direction is exactly 1
-        w = nn.Parameter(torch.ones(256, 256, dtype=torch.bfloat16))
+        w = nn.Parameter(torch.ones(256, 256, dtype=dtype))
         opt = SinkGD([w], lr=1e-4, stochastic_rounding=stochastic)
-        grad = torch.ones(256, 256, dtype=torch.bfloat16)
+        grad = torch.ones(256, 256, dtype=dtype)
     elif kind == "adamw":  # AdamW fallback: a constant gradient moves each entry by lr * ratio
-        w = nn.Parameter(torch.ones(65536, dtype=torch.bfloat16))
+        w = nn.Parameter(torch.ones(65536, dtype=dtype))
         opt = SWAN([w], lr=1e-4 / 20, fallback_lr_ratio=20.0, stochastic_rounding=stochastic)
-        grad = torch.ones(65536, dtype=torch.bfloat16)
+        grad = torch.ones(65536, dtype=dtype)
     else:  # SGD-SaI, momentum 0.9 of a constant +-1 gradient, scale ||g|| / std
-        w = nn.Parameter(torch.ones(65536, dtype=torch.bfloat16))
-        grad = torch.where(torch.arange(65536) % 2 == 0, 1.0, -1.0).to(torch.bfloat16)
+        w = nn.Parameter(torch.ones(65536, dtype=dtype))
+        grad = torch.where(torch.arange(65536) % 2 == 0, 1.0, -1.0).to(dtype)
         scale = math.sqrt(65536) / 1.0  # ||g|| = 256, unbiased std of +-1 (zero mean) = sqrt(N/(N-1)) ~ 1
         opt = SGDSaI([w], lr=1e-4 / scale, weight_decay=0.0, stochastic_rounding=stochastic)
     for _ in range(steps):
@@ -282,12 +283,13 @@ def _small_lr_case(kind: str, stochastic: bool):
     return change.mean().item(), -1e-4 * steps
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["sinkgd", "adamw", "sgdsai"])
-def test_bf16_stochastic_rounding_keeps_small_updates(kind):
-    mean, expected = _small_lr_case(kind, stochastic=True)
+def test_bf16_stochastic_rounding_keeps_small_updates(kind, dtype):
+    mean, expected = _small_lr_case(kind, stochastic=True, dtype=dtype)
     # the mean over 65536 entries of an unbiased rounding: std ~ 2e-6 of a -8e-4 expectation
     assert mean == pytest.approx(expected, rel=0.05), mean
-    mean_rn, _ = _small_lr_case(kind, stochastic=False)
+    mean_rn, _ = _small_lr_case(kind, stochastic=False, dtype=dtype)
     assert mean_rn == 0.0  # round-to-nearest loses every update
 
 
@@ -361,3 +363,133 @@ def test_llama_trains_a_few_steps():
     matrix = opt.param_groups[0]["params"]
     assert opt.param_groups[0]["rule"] == "matrix" and not any(p in opt.state for p in matrix)
     assert len(opt.state) == 7
+
+
+# ------------------------------------------------------------------------------------ issue 16's families
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_low_precision_weights_with_any_group_structure(name, dtype):
+    # A pure low-precision Linear-ReLU-Linear MLP, built the ways users do: one group per layer and the
+    # decay / no-decay split (an earlier group holding as many tensors as this one, with the same values,
+    # crashed the rounding generator, found by list.index comparing the groups' tensors), and the model
+    # cast after the optimizer was built (model.half()). Every weight moves, all finite, none skipped.
+    for how in ("layers", "split", "cast_after"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        if how == "layers":
+            model.to(dtype)
+            opt = OPTIMIZERS[name]([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+        elif how == "split":
+            model.to(dtype)
+            ps = list(model.parameters())
+            opt = OPTIMIZERS[name]([{"params": [p for p in ps if p.ndim >= 2]},
+                                    {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}])
+        else:
+            opt = OPTIMIZERS[name](model.parameters())
+            model.to(dtype)
+        before = _snapshot(model.parameters())
+        for i in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 8, generator=_gen(i)).to(dtype)).square().mean().backward()
+            opt.step()
+        after = list(model.parameters())
+        assert all(torch.isfinite(p).all() for p in after) and opt.skipped_steps == 0, how
+        assert all(not torch.equal(a, b) for a, b in zip(before, after)), how
+
+
+NUMERIC_OPTS = {**OPTIMIZERS, "swan-ns": lambda ps, **kw: SWAN(ps, lr=0.02, whitening="newton_schulz", **kw)}
+
+
+@pytest.mark.parametrize("rms", [1e-30, 1e-20, 1.0, 1e30])
+@pytest.mark.parametrize("name", list(NUMERIC_OPTS))
+def test_finite_gradients_give_finite_steps(name, rms):
+    # Any finite gradient gives a finite update and no skipped step: RMS 1e-30..1e30 (SinkGD's row
+    # scales overflowed when squared below ~1e-19), constant rows (SWAN Newton-Schulz: 0/0), a rank-one
+    # gradient, 1x1 (NS: 0/0; SWAN's default froze it: GradNorm of one element is 0), 1xN, Nx1.
+    g = _gen(0)
+    grads = [torch.randn(6, 4, generator=g), torch.ones(6, 1) * torch.randn(1, 4, generator=g),
+             torch.randn(6, 1, generator=g) @ torch.randn(1, 4, generator=g), torch.full((1, 1), 0.7),
+             torch.randn(1, 5, generator=g), torch.randn(5, 1, generator=g), torch.randn(7, generator=g)]
+    ps = [nn.Parameter(torch.randn(t.shape, generator=g)) for t in grads]
+    opt = NUMERIC_OPTS[name](ps, weight_decay=0.0)
+    before = _snapshot(ps)
+    for _ in range(2):
+        for p, t in zip(ps, grads):
+            p.grad = t * rms
+        opt.step()
+    assert opt.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in ps)
+    moved = [not torch.equal(a, b) for a, b in zip(before, ps)]
+    # the matrix rules and the stateless fallback are scale-invariant: the generic matrix and the 1x1
+    # move at every scale; SGD-SaI's step is proportional to the gradient and AdamW's eps (1e-8) and
+    # fp32 range bound it like torch.optim.AdamW's, so those move only at ordinary scales
+    assert moved[0] or (name == "sgdsai" and rms != 1.0), moved
+    assert moved[3] or (rms != 1.0 and name not in ("swan-stateless", "sinkgd-stateless")), moved
+
+
+def test_moe_expert_stacks_are_independent_matrices():
+    # param_groups(model, batch_dims=1) on stacked experts (E, out, in) beside 2-D attention weights:
+    # each expert is whitened as its own matrix (equal to SWAN on that expert alone), the 2-D weight
+    # stays on the matrix rule, the norm on the fallback
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(8, 8, bias=False)
+            self.experts = nn.Parameter(torch.randn(3, 6, 8))
+            self.norm = nn.LayerNorm(8)
+
+    torch.manual_seed(0)
+    model = MoE()
+    experts0 = model.experts.detach().clone()
+    opt = SWAN(param_groups(model, batch_dims=1), lr=0.02, weight_decay=0.0)
+    assert opt.rule_counts()["matrix"]["tensors"] == 2 and opt.rule_counts()["fallback"]["tensors"] == 2
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=_gen(1))
+    grads = model.experts.grad.clone()
+    attn0 = model.attn.weight.detach().clone()
+    opt.step()
+    for e in range(3):
+        alone = nn.Parameter(experts0[e].clone())
+        alone.grad = grads[e].clone()
+        SWAN([alone], lr=0.02, weight_decay=0.0).step()
+        torch.testing.assert_close(model.experts[e].detach(), alone.detach())  # fp32: same ops, batched
+    single = nn.Parameter(attn0)
+    single.grad = model.attn.weight.grad.clone()
+    SWAN([single], lr=0.02, weight_decay=0.0).step()
+    torch.testing.assert_close(model.attn.weight.detach(), single.detach())
+
+
+def test_memory_report_with_swapped_arguments_names_them():
+    from stateless_opt import memory_report
+
+    model = nn.Linear(4, 4)
+    opt = SWAN(model.parameters(), lr=0.02)
+    with pytest.raises(TypeError, match="model"):
+        memory_report(opt, model, print_table=False)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_float64_weights_stepped_in_float64_or_refused_by_name(name):
+    # SGD-SaI is elementwise: an fp64 weight steps in fp64 (its float64 reference: test_reference);
+    # SWAN / SinkGD compute in fp32 and refuse fp64 weights at construction, and before a step when the
+    # model was cast after the optimizer was built, naming the tensor
+    ps = [nn.Parameter(torch.randn(6, 4, dtype=torch.float64)), nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    if name == "sgdsai":
+        opt = OPTIMIZERS[name](ps)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in ps)
+        assert opt.state[ps[0]]["momentum_buffer"].dtype == torch.float64
+        return
+    with pytest.raises(TypeError, match=r"param group 0: tensor 0 \(shape \(6, 4\)\) is torch.float64; .*model.float\(\)"):
+        OPTIMIZERS[name](ps)
+    model = nn.Linear(4, 6)
+    opt = OPTIMIZERS[name](model.named_parameters())
+    model.double()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = _snapshot(model.parameters())
+    with pytest.raises(TypeError, match=r"param group 0 \(before step 1\): tensor 0 'weight' \(shape \(6, 4\)\) is torch.float64"):
+        opt.step()
+    assert _same(before, _snapshot(model.parameters()))

@@ -272,17 +272,20 @@ CASES.add("fsdp_sinkgd_stateless_fallback", equivalence, (3,), opt="sinkgd", ext
 
 
 @contextlib.contextmanager
-def comm_spy():
+def comm_spy(redistribute: bool = False):
     """Inside: log every all_reduce / all_to_all_single (payload bytes as ``Collectives`` counts them)
-    and make every gathering collective raise."""
+    and make every gathering collective raise. ``redistribute``: allow ``DTensor.redistribute`` (tensor
+    parallelism without FSDP2 hands some gradients over in other placements: a local slice, or the
+    backend's own reduction of a sequence-parallel norm's partial gradient)."""
     from torch.distributed.tensor import DTensor
 
     log: list[dict] = []
     orig_ar, orig_a2a = dist.all_reduce, dist.all_to_all_single
 
-    def all_reduce(tensor, *a, **k):
-        log.append({"op": "all_reduce", "bytes": tensor.numel() * tensor.element_size(), "dtype": str(tensor.dtype)})
-        return orig_ar(tensor, *a, **k)
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, *a, **k):
+        log.append({"op": "all_reduce", "bytes": tensor.numel() * tensor.element_size(), "dtype": str(tensor.dtype),
+                    "reduce": "max" if op == dist.ReduceOp.MAX else "sum" if op == dist.ReduceOp.SUM else str(op)})
+        return orig_ar(tensor, op, *a, **k)
 
     def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, **k):
         me = dist.get_rank(group)
@@ -300,7 +303,7 @@ def comm_spy():
     for name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object", "all_to_all",
                  "broadcast", "gather"):
         patches.append((dist, name, forbidden(f"torch.distributed.{name}")))
-    for name in ("full_tensor", "redistribute"):
+    for name in ("full_tensor",) if redistribute else ("full_tensor", "redistribute"):
         patches.append((DTensor, name, forbidden(f"DTensor.{name}")))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
@@ -334,11 +337,11 @@ for _opt in ("swan", "sinkgd", "sgdsai"):
     CASES.add(f"payload_{_opt}", payload, WORLDS, opt=_opt)
 
 
-def nan_one_rank(ctx, opt: str, mesh: str = "1d"):
+def nan_one_rank(ctx, opt: str, mesh: str = "1d", extra=None):
     """Step 0 clean; step 1: NaN in the last rank's local gradient of l1 only (after FSDP's
     reduction, as a faulty rank would produce); step 2 clean."""
     model = shard(make_model(ctx.device), get_mesh(ctx, mesh))
-    optimizer = make_opt(opt, model)
+    optimizer = make_opt(opt, model, **(extra or {}))
     out = {}
     for step in range(3):
         x, y = global_batch(step, ctx.device)
@@ -371,6 +374,11 @@ def nan_one_rank(ctx, opt: str, mesh: str = "1d"):
 for _opt in ("swan", "sinkgd", "sgdsai"):
     CASES.add(f"nan_{_opt}", nan_one_rank, WORLDS, opt=_opt)
     CASES.add(f"nan_hsdp_{_opt}", nan_one_rank, (4,), opt=_opt, mesh="hsdp")
+    # the same decisions taken on the device (capturable=True: masks, no host read; CUDA's default)
+    CASES.add(f"nan_device_{_opt}", nan_one_rank, (3,), opt=_opt, extra={"capturable": True})
+    CASES.add(f"nan_hsdp_device_{_opt}", nan_one_rank, (4,), opt=_opt, mesh="hsdp", extra={"capturable": True})
+for _opt in OPTIMIZERS:
+    CASES.add(f"fsdp_device_{_opt}", equivalence, (3,), opt=_opt, extra={"capturable": True})
 
 
 def local_whitening(ctx):
@@ -424,6 +432,15 @@ def test_fsdp2_equals_single_process(opt, world):
         world - len(torch.arange(13).chunk(world)))
     if world == 4:
         assert rows[3]["l3.weight"] == 0  # 5 rows over 4 ranks: 2, 2, 1, 0
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_fsdp2_device_decided_equals_single_process(opt):
+    # capturable=True on both sides (the reference too): the masked, device-decided step on uneven
+    # FSDP2 shards, with the same tolerances as the host-decided one
+    for r, res in enumerate(CASES.result(f"fsdp_device_{opt}", 3)):
+        assert res["err"]["init_equal"] and res["skipped"] == 0
+        assert res["err"]["rel"] < REL_TOL[opt], (r, res["err"]["per_param"])
 
 
 @pytest.mark.parametrize("opt", OPTIMIZERS)
@@ -541,10 +558,12 @@ def test_payload_swan_fragments_to_owner_and_back(world):
 
 
 @pytest.mark.parametrize("opt", ("swan", "sinkgd", "sgdsai"))
-@pytest.mark.parametrize("world,mesh", [(2, "1d"), (3, "1d"), (4, "1d"), (4, "hsdp")])
-def test_nan_on_one_rank_skips_everywhere(opt, world, mesh):
-    # HSDP: the NaN is on rank 3 (replica 1); ranks 0 and 1 (replica 0) must skip too.
-    per_rank = CASES.result(f"nan_{opt}" if mesh == "1d" else f"nan_hsdp_{opt}", world)
+@pytest.mark.parametrize("world,mesh,decided", [(2, "1d", ""), (3, "1d", ""), (4, "1d", ""), (4, "hsdp", ""),
+                                                (3, "1d", "device_"), (4, "hsdp", "device_")])
+def test_nan_on_one_rank_skips_everywhere(opt, world, mesh, decided):
+    # HSDP: the NaN is on rank 3 (replica 1); ranks 0 and 1 (replica 0) must skip too. "device_": the
+    # skip decided on the device (capturable=True), from the same all-reduced flags, without a host read.
+    per_rank = CASES.result(f"nan_{decided}{opt}" if mesh == "1d" else f"nan_hsdp_{decided}{opt}", world)
     for r, res in enumerate(per_rank):
         assert not res[0]["unchanged"] and res[0]["skipped"] == 0, (r, res[0])
         bad = res[1]

@@ -101,11 +101,15 @@ def example(draw, backend: str = "single", row: str | None = None) -> dict:
     kinds = BACKEND_SHAPES[backend]
     shape = st.builds(shape_of, st.sampled_from(kinds), st.integers(2, 7), st.integers(2, 7), st.integers(2, 3))
     groups = []
-    for _ in range(draw(st.integers(1, 2))):
+    for i in range(draw(st.integers(1, 2))):
+        # rule="fallback" marks a group as param_groups(model) marks embeddings / head / norms (a variant
+        # with ``marked_groups`` refuses to be built without one: its first group is marked)
+        marked = info.marked_groups and i == 0 or (info.splits_rules or info.marked_groups) and draw(st.booleans())
         groups.append({
             "shapes": draw(st.lists(shape, min_size=1, max_size=3)),
             "batch_dims": draw(st.sampled_from((0, 1))) if info.splits_rules else 0,
             "weight_decay": draw(st.sampled_from((0.0, 0.1))),
+            "rule": "fallback" if marked else "auto",
         })
     # extremes and zero first, then anything in the range
     k = st.one_of(st.sampled_from((lo, hi, 0)), st.integers(lo, hi))
@@ -201,13 +205,14 @@ def bad_target(ex, t: int) -> tuple[int, int] | None:
 
 
 # ===================================================================================== float64 model
-def expected_rule(info, shape: tuple, batch_dims: int) -> str:
-    """Which rule the documentation gives a weight: SGD-SaI is elementwise on everything; SWAN / SinkGD
-    / ColRMS send 0-/1-D weights to the fallback, and SWAN also a matrix whose GradNorm axis (the longer
+def expected_rule(info, shape: tuple, batch_dims: int, rule: str = "auto") -> str:
+    """Which rule the documentation gives a weight: SGD-SaI is elementwise on everything but a group
+    marked ``rule="fallback"`` under ``fallback="adamw"``; SWAN / SinkGD / ColRMS send a marked group's
+    weights and 0-/1-D weights to the fallback, and SWAN also a matrix whose GradNorm axis (the longer
     side) has one element (a 1 x 1, which GradNorm would zero)."""
     if not info.splits_rules:
-        return "elementwise"
-    if len(shape) < 2:
+        return "fallback" if rule == "fallback" and info.variant.get("fallback") == "adamw" else "elementwise"
+    if len(shape) < 2 or rule == "fallback":
         return "fallback"
     bd = max(min(batch_dims, len(shape) - 2), 0)
     m, n = shape[bd], math.prod(shape[bd + 1:])
@@ -284,6 +289,9 @@ class Float64Model:
                 if g is not None and bool(g.ne(0).any())}
         if not info.splits_rules:
             for key in sorted(live):  # scales of every weight first (max-normalised: the max over all)
+                g = self.ex["groups"][key[0]]
+                if expected_rule(info, tuple(g["shapes"][key[1]]), 0, g["rule"]) != "elementwise":
+                    continue
                 if key not in self.scale:
                     g = grads[key[0]][key[1]]
                     self.scale[key] = R.gsnr(g, 1e-8)
@@ -296,7 +304,7 @@ class Float64Model:
                 if (gi, ti) not in live:
                     continue
                 w, grad = weights[gi][ti].to(F64), grads[gi][ti].to(F64)
-                rule = expected_rule(info, tuple(shape), g["batch_dims"])
+                rule = expected_rule(info, tuple(shape), g["batch_dims"], g["rule"])
                 if rule == "elementwise":
                     buf = self.buf.get((gi, ti))
                     buf = grad.clone() if buf is None else 0.9 * buf + 0.1 * grad
@@ -304,12 +312,14 @@ class Float64Model:
                     self.factor[(gi, ti)] = self.scale[(gi, ti)] / top
                     out[gi][ti] = (1 - hp["lr"] * wd) * w - hp["lr"] * self.factor[(gi, ti)] * buf
                 elif rule == "fallback":
-                    lr = hp["lr"] * hp["fallback_lr_ratio"]
-                    if info.variant.get("fallback", "adamw") == "adamw":
+                    lr = hp["lr"] * hp.get("fallback_lr_ratio", info.variant.get("fallback_lr_ratio", 1.0))
+                    kind = info.variant.get("fallback", "adamw")
+                    if kind == "adamw":
                         ref = self.adamw.setdefault((gi, ti), R.AdamWRef(lr, weight_decay=wd))
                         out[gi][ti] = ref.step(w, grad)
                     else:
-                        out[gi][ti] = (1 - lr * wd) * w - lr * at_unit_scale(R.stateless_fallback_update)(grad)
+                        fn = R.stateless_fallback_update if kind == "stateless" else R.rowclip_fallback_update
+                        out[gi][ti] = (1 - lr * wd) * w - lr * at_unit_scale(fn)(grad)
                 else:
                     count, m, n = matrices(tuple(shape), g["batch_dims"])
                     stack = grad.reshape(count, m, n) if count > 1 else grad.reshape(1, *grad.shape)
@@ -402,6 +412,8 @@ def make_optimizer(ex, params: list[list[torch.Tensor]], **extra):
         group = {"params": ps, "weight_decay": g["weight_decay"]}
         if info.splits_rules:
             group["batch_dims"] = g["batch_dims"]
+        if g["rule"] != "auto":
+            group["rule"] = g["rule"]
         groups.append(group)
     return info.make(groups, **hyper(info), **extra)
 
@@ -484,10 +496,11 @@ def run_single(ex) -> None:
     dtype = DTYPES[ex["dtype"]]
     params = [[torch.nn.Parameter(w.to(dtype)) for w in ws] for ws in initial_weights(ex)]
     opt = make_optimizer(ex, params)
-    for gi, g in enumerate(ex["groups"]):  # the documented routing of each weight
+    for gi, g in enumerate(ex["groups"]):  # the documented routing of each weight (SWAN / SinkGD / ColRMS)
         for ti, p in enumerate(params[gi]):
-            want = expected_rule(info, tuple(p.shape), g["batch_dims"])
-            assert opt.weight_rule(opt.param_groups[gi], tuple(p.shape)) == want, (gi, ti, tuple(p.shape))
+            want = expected_rule(info, tuple(p.shape), g["batch_dims"], g["rule"])
+            if info.splits_rules:
+                assert opt.weight_rule(opt.param_groups[gi], tuple(p.shape)) == want, (gi, ti, tuple(p.shape))
     model = Float64Model(ex)
     history: dict = {}
     rel = 1e-6 if dtype == F64 else 1e-5  # fp64 (SGD-SaI): its g-SNR is fp32 state (6e-8 relative)
@@ -512,7 +525,7 @@ def run_single(ex) -> None:
                 if ref is None:
                     continue
                 spec = ex["steps"][t]["grads"][gi][ti]
-                rule = expected_rule(info, tuple(shape), g["batch_dims"])
+                rule = expected_rule(info, tuple(shape), g["batch_dims"], g["rule"])
                 hist = history.setdefault((gi, ti), [])
                 hist.append(spec[1])
                 got = params[gi][ti].detach().to(F64)

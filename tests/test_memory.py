@@ -83,6 +83,9 @@ def _train(model, opt, steps=2, zero_grad_last=False):
         ("sinkgd_stateless", 0, 0),
         # SGD-SaI on param_groups(model): one fp32 momentum + one fp32 scale per weight, by group rule
         ("sgdsai", 4 * sum(MATRIX.values()) + 4 * len(MATRIX), 4 * sum(FALLBACK.values()) + 4 * len(FALLBACK)),
+        ("swan_rowclip", 0, 0),
+        # the opt-in AdamW fallback: AdamW's two fp32 moments + a step counter per fallback tensor
+        ("sgdsai_adamw", 4 * sum(MATRIX.values()) + 4 * len(MATRIX), 8 * sum(FALLBACK.values()) + 4 * len(FALLBACK)),
     ],
 )
 def test_state_bytes_exact(name, matrix, fallback):
@@ -209,6 +212,11 @@ def test_formula_table():
     assert state_bytes_per_param("swan", fallback_fraction=0.25) == 2.0
     assert state_bytes_per_param("sinkgd", fallback_fraction=0.25, fallback="stateless") == 0.0
     assert state_bytes_per_param("sgdsai", dtype_bytes=2) == 2.0
+    # SGD-SaI's fallback groups: its own rule by default, AdamW's 8 bytes with the opt-in fallback="adamw";
+    # the stateless rules keep nothing
+    assert state_bytes_per_param("sgdsai", fallback_fraction=0.25) == 4.0
+    assert state_bytes_per_param("sgdsai", fallback_fraction=0.25, fallback="adamw") == 0.75 * 4 + 0.25 * 8
+    assert state_bytes_per_param("swan", fallback_fraction=0.25, fallback="rowclip") == 0.0
     assert state_bytes_per_param("sgd") == 0.0 and state_bytes_per_param("sgd_momentum") == 4.0
     with pytest.raises(ValueError):
         predict(n, backend="zero4")

@@ -340,6 +340,35 @@ def test_stateless_fallback_matches_reference(cls, shape):
     assert len(opt.state) == 0
 
 
+@pytest.mark.parametrize("shape", list(FALLBACK_SHAPES) + ["conv", "skewed"])
+@pytest.mark.parametrize("cls", [SWAN, SinkGD])
+def test_rowclip_fallback_matches_reference(cls, shape):
+    # Rows over max(row RMS, tensor RMS) at lr * ratio; decoupled wd; no state. "skewed": rows whose
+    # gradients differ by 1e3 in scale, so the large rows are clipped to RMS 1 and the small rows stay
+    # small (with the plain stateless rule every row would reach RMS 1).
+    s = {**FALLBACK_SHAPES, "conv": (6, 3, 3, 3), "skewed": (9, 7)}[shape]
+    lr, ratio, wd = 1e-3, 20.0, 0.1
+    w = _weight(s, 6)
+    w0 = w.detach().clone()
+    opt = cls([{"params": [w], "rule": "fallback"}], lr=lr, weight_decay=wd, fallback="rowclip")
+    grads = _grads(s, 3, 6)
+    if shape == "skewed":
+        grads = [g * torch.logspace(0, 3, s[0]).reshape(-1, 1) for g in grads]
+    ref_w, ws, refs = w0.to(F64), [], []
+    for g in grads:
+        w.grad = g.clone()
+        before = w.detach().clone()
+        opt.step()
+        ref_w = (1 - lr * ratio * wd) * ref_w - lr * ratio * R.rowclip_fallback_update(g)
+        ws.append(w.detach().clone())
+        refs.append(ref_w)
+        if shape == "skewed":
+            rows = ((w.detach() - before * (1 - lr * ratio * wd)) / (lr * ratio)).square().mean(1).sqrt()
+            assert rows[-1] == pytest.approx(1.0, rel=1e-4) and rows[0] < 1e-2
+    assert traj_error(ws, refs, w0) < FP32_TOL
+    assert len(opt.state) == 0
+
+
 def test_plain_list_splits_by_shape_and_fallback_lr_ratio_applies():
     # SWAN(list): one param group (as the user passed it); inside it >= 2-D -> matrix at lr, 1-D and
     # 0-D -> AdamW at lr * ratio; the first AdamW step moves each entry by ~lr * ratio (|m_hat / sqrt(v_hat)| = 1).
@@ -396,6 +425,81 @@ def test_sgd_sai_max_normalized_matches_reference_fp32():
     diff = max((a.detach() - b.detach()).abs().max().item()
                for a, b in zip(opt.param_groups[0]["params"], plain.param_groups[0]["params"]))
     assert diff > 1e-3
+
+
+def sgdsai_marked_run(cls=SGDSaI, **variant):
+    """SGD-SaI on a matrix group and a group marked rule="fallback" (an embedding-like and a norm-like
+    weight) with ``variant``, four steps whose LR changes as a scheduler's would, a state_dict round
+    trip after step 2; against SGDSaIRef at lr on the matrix group and, on the marked group, AdamWRef
+    (``fallback="adamw"``) or SGDSaIRef at lr * fallback_lr_ratio. Returns (the three weights'
+    trajectory errors, the optimizer, its weights)."""
+    lr0, wd, betas, eps = 1e-2, 0.1, (0.8, 0.95), 1e-6
+    fallback, ratio = variant.get("fallback", "sgdsai"), variant.get("fallback_lr_ratio", 1.0)
+    factors = [1.0, 0.5, 0.8, 0.3]
+    shapes = [(4, 6), (11, 6), (13,)]  # matrix; embedding-like and norm-like in the fallback group
+    ws = [_weight(s_, 20 + i) for i, s_ in enumerate(shapes)]
+    w0 = [w.detach().clone() for w in ws]
+    grads = [_grads(s_, len(factors), 30 + i) for i, s_ in enumerate(shapes)]
+
+    def build(params):
+        return cls([{"params": params[:1], "rule": "matrix"}, {"params": params[1:], "rule": "fallback"}],
+                   lr=lr0, weight_decay=wd, **{"betas": betas, "adam_eps": eps, **variant})
+
+    opt = build(ws)
+    mat_ref = R.SGDSaIRef(lr0, weight_decay=wd)
+    fb_refs = ([R.AdamWRef(lr0 * ratio, betas, eps, wd) for _ in shapes[1:]] if fallback == "adamw"
+               else R.SGDSaIRef(lr0 * ratio, weight_decay=wd))
+    cur = [w.to(F64) for w in w0]
+    traj = [[], [], []]
+    refs = [[], [], []]
+    for t, f in enumerate(factors):
+        if t == 2:  # resume from a checkpoint of the first two steps
+            state = opt.state_dict()
+            ws = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+            opt = build(ws)
+            opt.load_state_dict(state)
+        for group in opt.param_groups:
+            group["lr"] = lr0 * f
+        gs = [g[t] for g in grads]
+        for w, g in zip(ws, gs):
+            w.grad = g.clone()
+        opt.step()
+        mat_ref.lr = lr0 * f
+        cur[0] = mat_ref.step(cur[:1], gs[:1])[0]
+        if fallback == "adamw":
+            for i, ref in enumerate(fb_refs, start=1):
+                ref.lr = lr0 * f * ratio
+                cur[i] = ref.step(cur[i], gs[i])
+        else:
+            fb_refs.lr = lr0 * f * ratio
+            cur[1:] = fb_refs.step(cur[1:], gs[1:])
+        for i, w in enumerate(ws):
+            traj[i].append(w.detach().clone())
+            refs[i].append(cur[i])
+    return [traj_error(traj[i], refs[i], w0[i]) for i in range(3)], opt, ws
+
+
+@pytest.mark.parametrize("fallback", ["adamw", "sgdsai"])
+def test_sgd_sai_fallback_groups_match_reference(fallback):
+    # A departure from the paper, opt-in: groups marked rule="fallback" take AdamW (or SGD-SaI) at
+    # lr * fallback_lr_ratio, the others SGD-SaI at lr, each against its float64 reference; the LR is
+    # changed between steps as a scheduler does (the ratio follows it), and a state_dict round trip
+    # after step 2 continues the same trajectory. fp32 math vs float64: FP32_TOL of the movement.
+    errors, opt, ws = sgdsai_marked_run(fallback=fallback, fallback_lr_ratio=7.0)
+    for i, err in enumerate(errors):
+        assert err < FP32_TOL, (i, err)
+    fb_state = opt.state[ws[1]]
+    assert ("exp_avg" in fb_state) == (fallback == "adamw") and ("gsnr" in fb_state) == (fallback == "sgdsai")
+    assert "gsnr" in opt.state[ws[0]] and "exp_avg" not in opt.state[ws[0]]
+
+
+@pytest.mark.parametrize("kw", [{"fallback": "adamw"}, {"fallback_lr_ratio": 3.0}])
+def test_sgd_sai_fallback_needs_marked_groups(kw):
+    # Without a rule="fallback" group the setting would silently do nothing: an error naming it.
+    ps = [torch.nn.Parameter(torch.zeros(4, 6)), torch.nn.Parameter(torch.zeros(6))]
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        SGDSaI(ps, lr=1e-2, **kw)
+    SGDSaI([{"params": ps[:1]}, {"params": ps[1:], "rule": "fallback"}], lr=1e-2, **kw)  # marked: accepted
 
 
 # ------------------------------------------------------------------------------------ bf16
@@ -618,7 +722,7 @@ def test_catalogue_matrix_rules_match_reference_fp32(row, shape):
     assert err < FP32_TOL, err
 
 
-@pytest.mark.parametrize("row", [r.id for r in optim_db.rows(matrix_rule=False)])
+@pytest.mark.parametrize("row", [r.id for r in optim_db.rows(matrix_rule=False, marked_groups=False)])
 def test_catalogue_elementwise_rules_match_reference_fp32(row):
     # Every elementwise row (SGD-SaI and its variants) against SGDSaIRef on every shape, FP32_TOL; lr as
     # in the tests above (the max-normalised scales are <= 1, so a larger lr keeps movements measurable).
@@ -626,3 +730,12 @@ def test_catalogue_elementwise_rules_match_reference_fp32(row):
     lr = 1e-1 if r.variant.get("max_normalized_gsnr") else 1e-2
     err, _, _ = sgdsai_run_fp32(list(ALL_SHAPES.values()) + [(1,)], lr=lr, weight_decay=0.5, cls=r.cls, **r.variant)
     assert err < FP32_TOL, err
+
+
+@pytest.mark.parametrize("row", [r.id for r in optim_db.rows(matrix_rule=False, marked_groups=True)])
+def test_catalogue_marked_group_rows_match_reference_fp32(row):
+    # Every elementwise row that acts on the marked fallback groups (SGD-SaI's opt-in AdamW fallback):
+    # sgdsai_marked_run against the float64 references of both groups, FP32_TOL of the movement.
+    r = optim_db.info(row)
+    errors, _, _ = sgdsai_marked_run(cls=r.cls, **r.variant)
+    assert max(errors) < FP32_TOL, errors
