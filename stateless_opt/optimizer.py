@@ -516,6 +516,8 @@ class StatelessOptimizer(torch.optim.Optimizer):
         try:
             for w in work:
                 self._ensure_state(w.group, w.units, w.shards)
+            self._begin_step_on_device(work, masks)
+            for w in work:
                 self._step_group(w.group, list(zip(w.units, w.shards)), masks)
         finally:
             self._masks = None
@@ -623,6 +625,9 @@ class StatelessOptimizer(torch.optim.Optimizer):
         """Host-decided steps, before any group is updated, with every group's live (tensor, shards):
         what a rule needs from all groups at once (SGD-SaI's max-normalised scales divide by the max
         over every weight, not over the groups stepped so far). Nothing by default."""
+
+    def _begin_step_on_device(self, work: list[GroupWork], masks: "StepMasks") -> None:
+        """``_begin_step`` for device-decided steps (every weight of ``work``, writes masked by ``masks``)."""
 
     def _step_group(self, group: dict, units: list[tuple[torch.Tensor, list[WeightShard]]], live) -> None:
         raise NotImplementedError
@@ -866,7 +871,9 @@ class MatrixRuleOptimizer(StatelessOptimizer):
                 stateless_fallback(self, group, [s for _, ss in fallback for s in ss], fallback_lr,
                                    ROW_FLOORS[group["fallback"]])
         batch_dims = group.get("batch_dims", 0)
-        frags = [f for _, ss in matrix for s in ss for f in split_matrices(s, tensor_batch_dims(s.shape, batch_dims))]
+        # an empty matrix (0 x n) has no update; device-decided steps reach it too (every weight is computed)
+        frags = [f for _, ss in matrix for s in ss for f in split_matrices(s, tensor_batch_dims(s.shape, batch_dims))
+                 if f.m * f.n]
         for run in batch_runs(frags, self.run_by):
             self._matrix_update(group, run, self._comm(run[0].weight), lr)
 

@@ -180,26 +180,11 @@ class SGDSaI(StatelessOptimizer):
         the kernel (or the masked tensor ops) read; nothing is read back, except, while some scale may
         still be missing, which ones are (``_known``, read one step late without draining the GPU)."""
         device = units[0][0].device if not units[0][1] else units[0][1][0].grad.device
-        self._learn_known_scales()
         mu = group["momentum"]
         sc = self.scalars(group, device)
         lr = self._group_lr(group, units, masks)
-        shards = [(self.state[t], s) for t, ss in units for s in ss]
-        for state, _ in shards:
-            if state["gsnr"].device != device:  # a host-decided run's checkpoint: once, eagerly
-                state["gsnr"] = state["gsnr"].to(device)
-        keys = [s.key for _, s in shards]
-        index = self.launch_tables.get(tuple(masks.position[k] for k in keys), torch.long, device)
-        keep = masks.keep[index]
-        modes = self._mode_buffer(group, len(shards), device)
-        pending = [k for k, (state, s) in enumerate(shards) if (id(state), s.unit_index) not in self._known]
-        if pending:
-            first = self._init_scales_on_device(group, [shards[k] for k in pending], keep, pending, device)
-            at = self.launch_tables.get(tuple(pending), torch.long, device)
-            firsts = torch.zeros(len(shards), dtype=torch.float32, device=device).index_copy_(0, at, first)
-            torch.sub(keep * 2.0, firsts, out=modes)
-        else:
-            torch.mul(keep, 2.0, out=modes)
+        ready = self.__dict__.get("_modes_ready", {}).pop(id(group), None)
+        shards, modes = ready if ready is not None else self._device_modes(group, units, masks)
         max_scale = self._max_gsnr_on_device(device) if group["max_normalized_gsnr"] else None
         fused, rest = [], []
         for k, (state, s) in enumerate(shards):
@@ -224,6 +209,38 @@ class SGDSaI(StatelessOptimizer):
             keys_rest.append(s.key)
         if params:
             self._apply(params, updates, lr, group["weight_decay"], group, scales, keys_rest)
+
+    def _begin_step_on_device(self, work, masks) -> None:
+        """The max-normalised variant divides by the max over all weights: every group's new scales are
+        taken (``_device_modes``) before any group steps, as ``_begin_step`` does on the host."""
+        self._modes_ready = {}
+        groups = [w for w in work if not _adamw_group(w.group)]
+        if any(w.group["max_normalized_gsnr"] for w in groups):
+            for w in groups:
+                self._modes_ready[id(w.group)] = self._device_modes(w.group, list(zip(w.units, w.shards)), masks)
+
+    def _device_modes(self, group, units, masks) -> tuple[list, torch.Tensor]:
+        """The group's (state, shard) pairs and each one's mode flag (0 untouched, 1 first step, 2 later),
+        taking the scales of weights whose scale is still NaN and whose gradient is non-zero."""
+        device = units[0][0].device if not units[0][1] else units[0][1][0].grad.device
+        self._learn_known_scales()
+        shards = [(self.state[t], s) for t, ss in units for s in ss]
+        for state, _ in shards:
+            if state["gsnr"].device != device:  # a host-decided run's checkpoint: once, eagerly
+                state["gsnr"] = state["gsnr"].to(device)
+        keys = [s.key for _, s in shards]
+        index = self.launch_tables.get(tuple(masks.position[k] for k in keys), torch.long, device)
+        keep = masks.keep[index]
+        modes = self._mode_buffer(group, len(shards), device)
+        pending = [k for k, (state, s) in enumerate(shards) if (id(state), s.unit_index) not in self._known]
+        if pending:
+            first = self._init_scales_on_device(group, [shards[k] for k in pending], keep, pending, device)
+            at = self.launch_tables.get(tuple(pending), torch.long, device)
+            firsts = torch.zeros(len(shards), dtype=torch.float32, device=device).index_copy_(0, at, first)
+            torch.sub(keep * 2.0, firsts, out=modes)
+        else:
+            torch.mul(keep, 2.0, out=modes)
+        return shards, modes
 
     def _mode_buffer(self, group: dict, n: int, device) -> torch.Tensor:
         """The group's persistent fp32 mode flags (addressed by the kernel's cached launch table)."""

@@ -227,7 +227,9 @@ def swan_direction(
         # All in fp64: an fp32 Gram's rounding (~1e-7 lambda_max) sits above the eigenvalue cutoff, so
         # the null direction of a rank-deficient G~ (every square weight after centring) would be
         # inverted from noise (up to ~1% error); in fp64 it is cut and the result is the exact U_r V_r^T.
-        x64 = x.double()
+        # A device-decided step whitens every matrix, also one whose gradient holds a NaN/Inf (its write is
+        # masked): eigh raises on non-finite input (the CPU's LAPACK), so those entries become 0 first.
+        x64 = torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)
         d = torch.matmul(inverse_sqrt_eigh(torch.matmul(x64, x64.transpose(-2, -1))), x64).float()
         del x64
     else:

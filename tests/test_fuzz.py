@@ -3,7 +3,8 @@
 Drawn by hypothesis (``example``): a catalogue row (``tests/optim_db.py``); one or two param groups of
 one to three weights of awkward shapes (1x1, 1xN, Nx1, tall, wide, square, empty, 3-D stacks taken as
 expert stacks with ``batch_dims=1`` or viewed whole with 0, 1-D, 0-D), each group with its own weight
-decay; a weight dtype (fp32, bf16, fp16; fp64 where the row steps it); and for each of one to three
+decay; a weight dtype (fp32, bf16, fp16; fp64 where the row steps it); the step decided on the host or
+on the device (``capturable=True``: every weight computed, each write masked); and for each of one to three
 steps, every weight's gradient: a pattern (Gaussian with an offset, constant rows, constant columns,
 constant, rank one, one-hot, one spike 1e6 above the rest, zero, no gradient) scaled to a peak of 10^k,
 k in [-30, 30] (fp16 holds [-7, 4]), and maybe one NaN / +Inf / -Inf in one weight (on one rank).
@@ -123,8 +124,11 @@ def example(draw, backend: str = "single", row: str | None = None) -> dict:
     # DDP: told the replicas' group (``replicate_group=``, as ``param_groups(ddp)`` does), or built on the
     # plain parameters (``SGDSaI(ddp.parameters())``: every rank steps everything, votes on skipping)
     how = draw(st.sampled_from(("replicate_group", "plain"))) if backend == "ddp" else None
+    # who decides the step: the host (the CPU default) or the device (capturable=True, the default on
+    # accelerators: every weight computed, each write masked), on the CPU too
+    capturable = draw(st.sampled_from((None, True))) if backend != "zero2" else None
     return {"row": row, "dtype": dtype, "groups": groups, "steps": steps, "seed": draw(st.integers(0, 2**20)),
-            "how": how}
+            "how": how, "capturable": capturable}
 
 
 def pattern(shape: tuple, name: str, gen: torch.Generator) -> torch.Tensor:
@@ -385,19 +389,33 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8).clone()
 
 
-def state_bits(opt) -> list[tuple]:
-    """Every tensor of the optimizer state, bitwise (NaN-safe), in a stable order."""
-    out = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for k, v in sorted(opt.state.get(p, {}).items()):
-                if torch.is_tensor(v):
-                    out.append((k, _bits(v)))
-    return out
+def state_bits(opt) -> dict:
+    """Every tensor of the optimizer state, bitwise (NaN-safe), by (group, position, key)."""
+    return {(gi, j, k): _bits(v) for gi, group in enumerate(opt.param_groups) for j, p in enumerate(group["params"])
+            for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
 
 
-def same_bits(a, b) -> bool:
-    return len(a) == len(b) and all(ka == kb and x.shape == y.shape and torch.equal(x, y) for (ka, x), (kb, y) in zip(a, b))
+def state_kept(before: dict, opt) -> bool:
+    """The state is as it was: every tensor that existed bitwise unchanged; one allocated since holds
+    only zeros, or NaN (SGD-SaI's scale not taken yet): the template a zero-gradient step allocates
+    too, which a device-decided step allocates even when it skips (it computes every weight, masked)."""
+    after = {(gi, j, k): v for gi, group in enumerate(opt.param_groups) for j, p in enumerate(group["params"])
+             for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
+    if not set(before) <= set(after):
+        return False
+    for key, v in after.items():
+        if key in before:
+            if not torch.equal(before[key], _bits(v)):
+                return False
+        else:
+            v = _local(v).double()
+            if not bool(((v == 0) | torch.isnan(v)).all()):
+                return False
+    return True
+
+
+def same_bits(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
 
 
 def counters(opt) -> dict:
@@ -415,6 +433,8 @@ def make_optimizer(ex, params: list[list[torch.Tensor]], **extra):
         if g["rule"] != "auto":
             group["rule"] = g["rule"]
         groups.append(group)
+    if ex.get("capturable") is not None:
+        extra = {"capturable": ex["capturable"], **extra}
     return info.make(groups, **hyper(info), **extra)
 
 
@@ -449,7 +469,7 @@ class StepProbe:
         after = [[_bits(p) for p in ps] for ps in self.weights]
         return {
             "changed": [[not torch.equal(a, b) for a, b in zip(xs, ys)] for xs, ys in zip(after, self.bits)],
-            "state_unchanged": same_bits(self.state, state_bits(self.opt)),
+            "state_unchanged": state_kept(self.state, self.opt),
             "finite": not non_finite(p for ps in self.weights for p in ps),
             "bad": self.bad,  # a non-finite gradient in what this rank's optimizer sees
             "before": self.counts,
@@ -751,8 +771,7 @@ def check_backend(backend: str, examples: list[dict], per_rank: list[list[dict]]
                                               "the single-process optimizer"  # P5
             assert all(s["after"] == steps[0]["after"] for s in steps), f"{where}step {t}: ranks disagree"
         if backend == "ddp":
-            assert all(same_bits([("w", a) for b in recs[0]["final"] for a in b],
-                                 [("w", a) for b in rec["final"] for a in b]) for rec in recs), (
+            assert all(same_bits(flat(recs[0]["final"]), flat(rec["final"])) for rec in recs), (
                 f"{where}DDP replicas differ")
 
 
