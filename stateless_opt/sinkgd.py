@@ -29,12 +29,15 @@ from .row_col_norms import chunks, normalize_rows_cols
 # ====================================================================================== the rule
 def sinkgd_update(grad: torch.Tensor, iterations: int = 5, eps: float = 1e-8) -> torch.Tensor:
     """SinkGD's update direction for one gradient of >= 2 dims, in float64."""
-    x = grad.double().reshape(grad.shape[0], -1)
-    m, n = x.shape
+    g = grad.double().reshape(grad.shape[0], -1)
+    m, n = g.shape
+    r, c = g.new_ones(m), g.new_ones(n)  # X = diag(r) G diag(c)
     for _ in range(iterations):
-        x = x * (math.sqrt(n) / _floored(x.norm(dim=1), x, m, eps))[:, None]  # rows to norm sqrt(n)
-        x = x * (math.sqrt(m) / _floored(x.norm(dim=0), x, n, eps))[None, :]  # columns to norm sqrt(m)
-    return x.reshape(grad.shape)
+        y = g * c[None, :]  # rows measured under the columns' scale only: a floored row stays floored
+        r = math.sqrt(n) / _floored(y.norm(dim=1), y, m, eps)  # rows to norm sqrt(n)
+        y = g * r[:, None]
+        c = math.sqrt(m) / _floored(y.norm(dim=0), y, n, eps)  # columns to norm sqrt(m)
+    return (r[:, None] * g * c[None, :]).reshape(grad.shape)
 
 
 def _floored(norms: torch.Tensor, x: torch.Tensor, count: int, eps: float) -> torch.Tensor:

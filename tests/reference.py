@@ -88,12 +88,18 @@ def sinkgd_update(g: torch.Tensor, *, iterations: int = 5, eps: float = 1e-8, ro
     """SinkGD's direction: L rounds of (rows to norm sqrt(n), then columns to norm sqrt(m)) on the weight
     as stored. ``rows_first=False`` is the wrong order, for tests that the order matters."""
     x = as_matrix(g)
-    for _ in range(iterations):
-        if rows_first:
-            x = normalize_cols(normalize_rows(x, eps), eps)
+    m, n = x.shape
+    r, c = x.new_ones(m), x.new_ones(n)
+    # X = diag(r) G diag(c); each axis's norms are taken under the other axis's scale only (before its
+    # own), so a row (column) floored once stays floored instead of growing ~1/eps a round
+    for i in range(2 * iterations):
+        if (i % 2 == 0) == rows_first:
+            y = x * c[None, :]
+            r = math.sqrt(n) / _floored(y.norm(dim=1), y, m, eps)
         else:
-            x = normalize_rows(normalize_cols(x, eps), eps)
-    return x.reshape(g.shape)
+            y = r[:, None] * x
+            c = math.sqrt(m) / _floored(y.norm(dim=0), y, n, eps)
+    return (r[:, None] * x * c[None, :]).reshape(g.shape)
 
 
 # --------------------------------------------------------------------------------------- fallbacks

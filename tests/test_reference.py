@@ -21,6 +21,7 @@ import torch
 
 import optim_db
 import reference as R
+from stateless_opt.sinkgd import sinkgd_update as sinkgd_rule
 from stateless_opt import SGDSaI, SinkGD, SWAN, sgd_sai
 
 F64 = torch.float64
@@ -253,6 +254,25 @@ def test_sinkgd_tiny_row_stays_tiny_with_default_iterations():
     w.grad = _tiny_row_case()
     SinkGD([w], lr=1.0).step()
     assert w.detach()[3].abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("rel", [3.36e-9, 1e-10, 1e-12])
+def test_sinkgd_near_floor_rows_and_columns_follow_the_reference_every_round(rel):
+    # A column and a row just under the floor (eps = 1e-8 relative), default L=5: the optimizer, the
+    # readable rule and the float64 reference agree (each axis's norms under the other axis's scale
+    # only, so a floored row or column stays floored; re-flooring every round gave [1, 1] where the
+    # optimizer gives [1, 0.475] on [[1, 3.36e-9]]). fp32 optimizer vs float64: FP32_TOL of the update.
+    g = torch.randn(8, 16, generator=_gen(11))
+    g[:, 5] *= rel
+    g[3] *= rel
+    ref = R.sinkgd_update(g.double())
+    assert (sinkgd_rule(g) - ref).abs().max() < 1e-12 * ref.abs().max()
+    w = torch.nn.Parameter(torch.zeros(8, 16))
+    w.grad = g.clone()
+    SinkGD([w], lr=1.0).step()
+    assert (-w.detach().double() - ref).abs().max() < FP32_TOL * ref.abs().max()
+    one = torch.tensor([[1.0, 3.36e-9]])
+    assert (sinkgd_rule(one) - R.sinkgd_update(one.double())).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("scale", [1e-15, 1e15])
