@@ -336,7 +336,7 @@ def _install_diag_hooks() -> None:
 
 def _named_params(opt):
     for g in opt.param_groups:
-        names = g.get("param_names") or g.get("names") or [f"group{id(g)}.{i}" for i in range(len(g["params"]))]
+        names = g.get("param_names") or [f"group{id(g)}.{i}" for i in range(len(g["params"]))]
         for name, p in zip(names, g["params"]):
             if p.grad is not None:
                 yield name, p, g.get("rule", "all")

@@ -48,10 +48,10 @@ VERSION = 1
 INDEX = "portable.json"
 # Param-group entries that are facts of the run that holds the optimizer, not of the checkpoint.
 RUN_FACTS = frozenset({"params", "names", "param_names", "_shapes", "replicate_group"})
-# Param-group entries fixed when the optimizer is built (the matrix / fallback split): never loaded. What
-# must agree is each weight's rule (saved per weight: SWAN(model.parameters()) and param_groups(model) group
-# the weights differently but step each alike); checkpoints without per-weight rules compare the groups'.
-MUST_MATCH = frozenset({"rule"})
+# The matrix / fallback split is fixed when the optimizer is built: a group's "rule" is never loaded. What
+# must agree is each weight's rule, saved per weight in the index (SWAN(model.parameters()) and
+# param_groups(model) group the weights differently but may step each alike).
+NOT_LOADED = RUN_FACTS | {"rule"}
 ELEMENTWISE, PER_WEIGHT, PER_TENSOR = "elementwise", "per_weight", "per_tensor"
 
 
@@ -612,12 +612,12 @@ def _load_groups(opt, held: list[_Held], r: Reader) -> None:
         sources = sorted({r.index["weights"][n]["group"] for n in names})
         if not sources:
             continue
-        per_weight = all("rule" in r.index["weights"][n] for n in names)
         for h in (h for h in held if h.group == gi):
             for n, s in zip(h.names, h.shards):
-                saved_rule = r.index["weights"].get(n, {}).get("rule")
-                live_rule = opt.weight_rule(group, tuple(s.shape))
-                if saved_rule is not None and saved_rule != live_rule:
+                if n not in r.index["weights"]:
+                    continue
+                saved_rule, live_rule = r.index["weights"][n]["rule"], opt.weight_rule(group, tuple(s.shape))
+                if saved_rule != live_rule:
                     raise CheckpointError(
                         f"{n}: saved stepped by the {saved_rule!r} rule, here by {live_rule!r} (param group {gi}): "
                         "build the optimizer with the same matrix / fallback split (e.g. stateless_opt.param_groups(model))"
@@ -625,22 +625,15 @@ def _load_groups(opt, held: list[_Held], r: Reader) -> None:
         values: dict[str, Any] = {}
         for sg in sources:
             for k, v in saved[sg].items():
-                if k in values and values[k] != v and not (k in MUST_MATCH and per_weight):
+                if k in NOT_LOADED:
+                    continue
+                if k in values and values[k] != v:
                     raise CheckpointError(
                         f"param group {gi} holds weights saved with different {k!r} ({values[k]!r} vs {v!r}; "
                         f"weights {names[:6]}): split the param groups as the saved run did"
                     )
                 values[k] = v
         for k, v in values.items():
-            if k in RUN_FACTS:
-                continue
-            if k in MUST_MATCH and per_weight:
-                continue  # each weight's rule was compared above; the group's own split stays
-            if k in MUST_MATCH and group.get(k) != v:
-                raise CheckpointError(
-                    f"param group {gi} ({names[:6]}) has {k}={group.get(k)!r}, saved {k}={v!r}: build the "
-                    "optimizer with the same matrix / fallback split (e.g. stateless_opt.param_groups(model))"
-                )
             if isinstance(v, dict) and "__tensor__" in v:
                 v = r.group_tensor(v["__tensor__"])
                 if torch.is_tensor(group.get(k)):
